@@ -1,0 +1,146 @@
+"""The Brief: what a designer asks for, validated field by field.
+
+A brief file is YAML or JSON holding one mapping. Anything wrong with it (unknown
+field, wrong type, out-of-range value, empty title, bytes that are not UTF-8, a file
+over ``MAX_BRIEF_FILE_BYTES``) raises ``BriefError`` listing every offending field, so
+callers can print them and exit 2 before anything is stored or enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from genshop.presets import Preset
+
+MAX_BRIEF_FILE_BYTES = 64 * 1024
+MAX_SEED = 2**32 - 1
+
+GroupId = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class Brief(BaseModel):
+    """A design brief. Optional generation settings fall back to the preset's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    description: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)] = ""
+    article_type: ShortText | None = None
+    colour: ShortText | None = None
+    usage: ShortText | None = None
+    gender: ShortText | None = None
+    groups: list[GroupId] = Field(default_factory=list, max_length=32, description="target customer group ids")
+    variants: int = Field(default=4, ge=1, le=64)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    width: int | None = Field(default=None, ge=8, le=2048)
+    height: int | None = Field(default=None, ge=8, le=2048)
+    negative_prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
+    client_reference: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None = None
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_groups(cls, groups: list[str]) -> list[str]:
+        if len(set(groups)) != len(groups):
+            raise ValueError("group ids must be unique")
+        return groups
+
+
+@dataclass(frozen=True)
+class FieldIssue:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class BriefError(ValueError):
+    """Invalid brief input; ``issues`` names each offending field."""
+
+    def __init__(self, issues: list[FieldIssue], source: str = "brief"):
+        self.issues = issues
+        self.source = source
+        super().__init__(f"invalid {source}: " + "; ".join(str(i) for i in issues))
+
+
+def _issues_from_validation(exc: ValidationError) -> list[FieldIssue]:
+    issues = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or "(brief)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif "input" in error and not isinstance(error["input"], (dict, list)):
+            message += f" (got {error['input']!r})"
+        issues.append(FieldIssue(field, message))
+    return issues
+
+
+def parse_brief(data: Any, source: str = "brief") -> Brief:
+    if not isinstance(data, dict):
+        raise BriefError([FieldIssue("(brief)", f"expected a mapping of fields, got {type(data).__name__}")], source)
+    try:
+        return Brief.model_validate(data)
+    except ValidationError as exc:
+        raise BriefError(_issues_from_validation(exc), source) from None
+
+
+def load_brief_file(path: str | Path) -> Brief:
+    """Read and validate one brief from a YAML or JSON file."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise BriefError([FieldIssue("(file)", "no such file")], source)
+    size = path.stat().st_size
+    if size > MAX_BRIEF_FILE_BYTES:
+        raise BriefError([FieldIssue("(file)", f"file is {size} bytes; the limit is {MAX_BRIEF_FILE_BYTES}")], source)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BriefError([FieldIssue("(file)", f"not UTF-8 text (invalid byte at offset {exc.start})")], source) from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0]
+        raise BriefError([FieldIssue("(file)", f"not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}")], source) from None
+    return parse_brief(data, source)
+
+
+def resolve_brief(brief: Brief, preset: Preset, rng: random.Random | None = None) -> Brief:
+    """Fill unset generation settings from the preset and check them against its limits.
+
+    The result has every setting pinned (a seed is drawn if none was given), so the
+    stored brief regenerates the same images.
+    """
+    d, limits = preset.defaults, preset.limits
+    resolved = brief.model_copy(update={
+        "steps": brief.steps if brief.steps is not None else d.steps,
+        "guidance_scale": brief.guidance_scale if brief.guidance_scale is not None else d.guidance_scale,
+        "width": brief.width if brief.width is not None else d.width,
+        "height": brief.height if brief.height is not None else d.height,
+        "negative_prompt": brief.negative_prompt if brief.negative_prompt is not None else d.negative_prompt,
+        "seed": brief.seed if brief.seed is not None else (rng or random.SystemRandom()).randint(0, MAX_SEED),
+    })
+    issues = []
+    for field in ("width", "height"):
+        value = getattr(resolved, field)
+        if not limits.min_size <= value <= limits.max_size:
+            issues.append(FieldIssue(field, f"{value} is outside {limits.min_size}..{limits.max_size} for preset {preset.name!r}"))
+        elif value % limits.size_multiple:
+            issues.append(FieldIssue(field, f"{value} is not a multiple of {limits.size_multiple}"))
+    if resolved.steps > limits.max_steps:
+        issues.append(FieldIssue("steps", f"{resolved.steps} exceeds {limits.max_steps} for preset {preset.name!r}"))
+    if issues:
+        raise BriefError(issues)
+    return resolved

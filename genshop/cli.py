@@ -1,0 +1,240 @@
+"""``genshop``: the command line, a thin face over the service.
+
+Exit status: 0 on success, 2 on invalid input (the offending fields on stderr), 1 on
+anything else (a failed or cancelled brief, a broker or model that cannot be reached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from genshop.briefs import BriefError
+from genshop.presets import PresetError
+from genshop.settings import get_settings
+from genshop.store import BriefRecord, Store, UnknownBriefError
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+class InvalidInput(click.ClickException):
+    exit_code = 2
+
+
+class GenshopGroup(click.Group):
+    """Turns the project's errors into one-line messages and the documented exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BriefError as exc:
+            stderr.print(f"[red]error:[/red] invalid brief in {exc.source}:", highlight=False)
+            for issue in exc.issues:
+                stderr.print(f"  {issue}", highlight=False, markup=False)
+            raise SystemExit(2) from None
+        except (UnknownBriefError, PresetError) as exc:
+            raise InvalidInput(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a face: no tracebacks unless asked for
+            if os.environ.get("GENSHOP_DEBUG"):
+                raise
+            raise click.ClickException(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+@click.group(cls=GenshopGroup)
+def main() -> None:
+    """GenShop: generative design for e-commerce."""
+
+
+def _store() -> Store:
+    from genshop.store import open_store
+
+    return open_store()
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=stderr, transient=False)
+
+
+def _brief_json(record: BriefRecord, store: Store, with_items: bool) -> dict:
+    data = {"brief_id": record.id, **record.model_dump(mode="json")}
+    items = store.list_items(record.id)
+    data["items_count"] = len(items)
+    if with_items:
+        data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path))}
+                         for item in items]
+    return data
+
+
+def _print_record(record: BriefRecord, store: Store, as_json: bool, with_items: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(_brief_json(record, store, with_items)))
+        return
+    p = record.progress
+    detail = f"  variants {p.get('variants_done', 0)}/{p.get('variants_total', record.brief.variants)}" if p else ""
+    stdout.print(f"{record.id}  {record.status}{detail}  {record.title}", highlight=False, markup=False)
+    if record.error:
+        stdout.print(f"  error: {record.error}", highlight=False, markup=False)
+    if with_items:
+        table = Table("variant", "seed", "image")
+        for item in store.list_items(record.id):
+            table.add_row(str(item.variant), str(item.seed), str(store.images.path(item.image_path)))
+        stdout.print(table)
+
+
+def _brief_progress_callback(bar: Progress, record: BriefRecord) -> Callable:
+    task = bar.add_task(record.title[:40], total=record.brief.variants * record.brief.steps, detail="")
+
+    def on_progress(p) -> None:
+        bar.update(task, completed=p.variants_done * p.steps + (0 if p.step == p.steps else p.step),
+                   detail=f"variants {p.variants_done}/{p.variants_total}")
+
+    return on_progress
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("genshop-demo"),
+              show_default=True, help="folder for the demo's database, images and contact sheet")
+@click.option("--preset", default=None, help="generation preset (default: GENSHOP_PRESET, i.e. mini)")
+def demo(out_dir: Path, preset: str | None) -> None:
+    """Run the product tour offline with an in-process worker and write a contact sheet."""
+    from genshop.demo import run_demo
+
+    preset = preset or get_settings().preset
+    stderr.print(f"GenShop demo: preset [bold]{preset}[/bold], output in {out_dir}")
+    with _progress_bar() as bar:
+        records, sheet = run_demo(out_dir, preset, lambda record: _brief_progress_callback(bar, record))
+    table = Table("brief", "status", "variants", "title")
+    for record in records:
+        table.add_row(record.id[:12], record.status, str(record.brief.variants), record.title)
+    stdout.print(table)
+    stdout.print(f"contact sheet: {sheet}")
+    if any(r.status != "succeeded" for r in records):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("-c", "--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="worker processes (one per GPU on GPU machines)")
+@click.option("--loglevel", default="info", show_default=True)
+@click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True)
+def worker(concurrency: int, loglevel: str, pool: str) -> None:
+    """Start a Celery worker on the generation queue (pipeline loaded once per process)."""
+    os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
+    from workers.app import app
+
+    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--pool={pool}",
+                     f"--queues={get_settings().queue}", "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--wait", is_flag=True, help="wait for the brief to finish, showing progress")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--local", is_flag=True, help="run it here with an in-process worker (no Redis)")
+def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
+    """Validate a brief file (YAML or JSON), store it and queue it."""
+    from genshop.briefs import load_brief_file
+    from genshop.service import submit_brief
+
+    brief = load_brief_file(file)
+    settings = get_settings()
+    store = _store()
+    record, created = submit_brief(store, brief, settings.preset)
+    if local:
+        if created or record.status == "queued":
+            from genshop.pipelines import load_pipeline
+            from genshop.service import run_brief
+
+            loaded = load_pipeline(settings.preset)
+            with _progress_bar() as bar:
+                if as_json:
+                    bar.stop()
+                record = run_brief(store, record.id, loaded, settings.max_attempts,
+                                   None if as_json else _brief_progress_callback(bar, record))
+    else:
+        if created:
+            from workers.app import enqueue_generation
+
+            try:
+                store.set_task_id(record.id, enqueue_generation(record.id))
+            except Exception:
+                store.delete_queued_brief(record.id)
+                raise
+        if wait:
+            record = _wait(store, record, show=not as_json)
+    if as_json:
+        click.echo(json.dumps({**_brief_json(record, store, with_items=False), "created": created}))
+    else:
+        stderr.print("created" if created else "already submitted (same client_reference)", style="dim")
+        _print_record(record, store, as_json=False)
+    if (wait or local) and record.status != "succeeded":
+        raise SystemExit(1)
+
+
+def _wait(store: Store, record: BriefRecord, show: bool, poll_s: float = 0.2) -> BriefRecord:
+    with _progress_bar() as bar:
+        if not show:
+            bar.stop()
+        update = _brief_progress_callback(bar, record)
+        from genshop.service import Progress as BriefProgress
+
+        while not record.is_terminal:
+            time.sleep(poll_s)
+            record = store.get_brief(record.id)
+            if record.progress:
+                update(BriefProgress.model_validate(record.progress))
+    return record
+
+
+@main.command()
+@click.argument("brief_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(brief_id: str, as_json: bool) -> None:
+    """Show a brief's status and progress."""
+    store = _store()
+    _print_record(store.get_brief(brief_id), store, as_json)
+
+
+@main.command()
+@click.argument("brief_id")
+@click.option("--json", "as_json", is_flag=True)
+def cancel(brief_id: str, as_json: bool) -> None:
+    """Cancel a brief: a queued one at once, a running one at its next denoising step."""
+    from genshop.service import cancel_brief
+
+    store = _store()
+    record = cancel_brief(store, brief_id)
+    if record.task_id and record.status == "cancelled":
+        from workers.app import app
+
+        try:
+            app.control.revoke(record.task_id)
+        except Exception:  # noqa: BLE001 - the store's flag already stops it
+            pass
+    _print_record(record, store, as_json)
+
+
+@main.command()
+@click.argument("brief_id")
+@click.option("--json", "as_json", is_flag=True)
+def results(brief_id: str, as_json: bool) -> None:
+    """Print a brief with its items (image paths are absolute)."""
+    store = _store()
+    _print_record(store.get_brief(brief_id), store, as_json, with_items=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Brief → prompt → batched pipeline calls → images with their seeds.
+
+Variants are denoised in fixed batches (``plan_batches``), each variant with its own
+``torch.Generator`` seeded ``brief.seed + variant``, so a variant's image depends only
+on the brief, its index and the model: a resumed brief regenerates exactly the images
+it would have made. Knows nothing of Celery or the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from genshop.briefs import MAX_SEED, Brief
+from genshop.pipelines import LoadedPipeline
+
+
+class GenerationCancelled(Exception):
+    """Raised when ``should_stop`` turned true during denoising."""
+
+
+@dataclass
+class GeneratedImage:
+    variant: int
+    seed: int
+    image: Image.Image
+    prompt: str
+    negative_prompt: str
+    timings: dict[str, float]
+
+
+StepCallback = Callable[[int, int], None]  # (step finished, total steps)
+
+
+def build_prompt(brief: Brief) -> str:
+    """Listing-style prompt: title, then the attribute phrases not already in it."""
+    parts = [brief.title]
+    lowered = brief.title.lower()
+    for value in (brief.gender, brief.colour, brief.article_type, brief.usage):
+        if value and value.lower() not in lowered:
+            parts.append(value)
+    if brief.description:
+        parts.append(brief.description)
+    return ", ".join(parts)
+
+
+def variant_seed(brief_seed: int, variant: int) -> int:
+    return (brief_seed + variant) % (MAX_SEED + 1)
+
+
+def plan_batches(variants: int, batch_size: int) -> list[list[int]]:
+    return [list(range(start, min(start + batch_size, variants))) for start in range(0, variants, batch_size)]
+
+
+def generate_batch(
+    loaded: LoadedPipeline,
+    brief: Brief,
+    variants: list[int],
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: StepCallback | None = None,
+) -> list[GeneratedImage]:
+    """Generate the given variants of a resolved brief in one pipeline call."""
+    pipe = loaded.pipeline
+    prompt = build_prompt(brief)
+    negative = brief.negative_prompt or ""
+    seeds = [variant_seed(brief.seed, v) for v in variants]
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    stopped = False
+
+    def step_end(pipeline, step, _timestep, callback_kwargs):
+        nonlocal stopped
+        if on_step:
+            on_step(step + 1, brief.steps)
+        if should_stop():
+            stopped = True
+            pipeline._interrupt = True  # diffusers skips the remaining steps
+        return callback_kwargs
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = pipe(
+            prompt=[prompt] * len(variants),
+            negative_prompt=[negative] * len(variants) if negative and brief.guidance_scale > 1 else None,
+            num_inference_steps=brief.steps,
+            guidance_scale=brief.guidance_scale,
+            width=brief.width,
+            height=brief.height,
+            generator=generators,
+            callback_on_step_end=step_end,
+        )
+    if stopped:
+        raise GenerationCancelled()
+    per_image = (time.perf_counter() - started) / len(variants)
+    return [
+        GeneratedImage(variant=v, seed=s, image=img, prompt=prompt, negative_prompt=negative,
+                       timings={"generate_s": round(per_image, 6), "batch_size": float(len(variants))})
+        for v, s, img in zip(variants, seeds, output.images)
+    ]

@@ -1,0 +1,126 @@
+"""Diffusers pipelines from presets: ``from_pretrained`` and nothing else reads weights.
+
+``load_pipeline(preset)`` resolves the preset's folder or hub id and calls the
+pipeline class's ``from_pretrained``. Presets with ``random_init`` are first built from
+their component configs (seeded, so every machine gets the same weights) and saved
+with ``save_pretrained`` into ``$GENSHOP_HOME/models``, then loaded like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genshop.presets import Preset, load_preset, model_location
+from genshop.settings import get_settings
+from genshop.tokenizer import write_clip_tokenizer
+
+
+class ModelUnavailableError(RuntimeError):
+    """The preset's weights are neither on disk nor downloadable (one-line message)."""
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A ready pipeline and the identity recorded on every item it makes."""
+
+    pipeline: object
+    preset: Preset
+    model_id: str
+    revision: str
+    device: str
+
+
+def resolve_device(requested: str | None = None) -> str:
+    requested = requested or get_settings().device
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def build_random_pipeline(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Instantiate a Stable Diffusion layout from component configs with seeded random weights."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    def read(name: str, file: str = "config.json") -> dict:
+        return json.loads((config_dir / name / file).read_text())
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(read("unet"))
+    vae = AutoencoderKL.from_config(read("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
+    scheduler = EulerDiscreteScheduler.from_config(read("scheduler", "scheduler_config.json"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer-src"))
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        staged = Path(tmp) / "pipeline"
+        pipe.save_pretrained(staged, safe_serialization=True)
+        try:
+            os.rename(staged, out_dir)  # atomic: concurrent builders race, one wins, all load the same
+        except OSError:
+            if not (out_dir / "model_index.json").exists():
+                raise
+    return out_dir
+
+
+def ensure_weights(preset: Preset) -> str:
+    location = model_location(preset)
+    if preset.random_init is not None and not (Path(location) / "model_index.json").exists():
+        build_random_pipeline(get_settings().configs_dir / preset.random_init, Path(location))
+    return location
+
+
+def weights_revision(location: str, preset: Preset) -> str:
+    """The preset's pinned revision, else a fingerprint of the local folder's configs and weight files."""
+    if preset.revision:
+        return preset.revision
+    folder = Path(location)
+    if not folder.is_dir():
+        return "unpinned"
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes() if path.suffix in {".json", ".txt"} else str(path.stat().st_size).encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipeline:
+    """Load the preset's pipeline with ``from_pretrained``; offline failures are one-line errors."""
+    import diffusers
+
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    device = resolve_device(device)
+    location = ensure_weights(preset)
+    pipeline_class = getattr(diffusers, preset.pipeline_class)
+    dtype = getattr(torch, preset.torch_dtype) if device != "cpu" else torch.float32
+    kwargs = {"dtype": dtype}
+    if preset.revision:
+        kwargs["revision"] = preset.revision
+    if preset.variant and device != "cpu":
+        kwargs["variant"] = preset.variant
+    if preset.pipeline_class == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = pipeline_class.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(
+            f"preset {preset.name!r}: cannot load {location!r} (not on disk and not downloadable here: {first[:200]})"
+        ) from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{preset.random_init}",
+                          revision=weights_revision(location, preset), device=device)

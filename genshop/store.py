@@ -1,0 +1,333 @@
+"""The store: SQLAlchemy tables and the content-addressed image files.
+
+This module is the only code that writes the database. Everything it hands out is a
+pydantic record, never an ORM row. Any SQLAlchemy URL works; SQLite (the default under
+``GENSHOP_HOME``) runs in WAL mode so several worker processes can write, and
+PostgreSQL (``postgresql+psycopg://...``) is tested too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, func, select, update)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from genshop.briefs import Brief
+
+BriefStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ITEM_NAMESPACE = uuid.UUID("5f0c2a1e-6d3b-4c8e-9a7f-2b1d0e4c6a90")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BriefRow(Base):
+    __tablename__ = "briefs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    client_reference: Mapped[str | None] = mapped_column(String(128), unique=True)
+    title: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict] = mapped_column(JSON)
+    preset: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ItemRow(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("brief_id", "variant", name="uq_item_brief_variant"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), index=True)
+    variant: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(256))
+    model_revision: Mapped[str] = mapped_column(String(128))
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_path: Mapped[str] = mapped_column(String(256))
+    timings: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BriefRecord(BaseModel):
+    id: str
+    client_reference: str | None
+    title: str
+    brief: Brief
+    preset: str
+    status: BriefStatus
+    error: str | None
+    progress: dict[str, Any]
+    task_id: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class NewItem(BaseModel):
+    brief_id: str
+    variant: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    model_id: str
+    model_revision: str
+    image_sha256: str
+    image_path: str
+    timings: dict[str, float]
+
+
+class ItemRecord(NewItem):
+    id: str
+    created_at: datetime
+
+
+def item_id(brief_id: str, variant: int) -> str:
+    """Deterministic item id: the same brief and variant always name the same item."""
+    return uuid.uuid5(ITEM_NAMESPACE, f"{brief_id}/{variant}").hex
+
+
+class ImageStore:
+    """PNG files addressed by the SHA-256 of their bytes: ``images/ab/cd/abcd....png``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def put(self, image: Image.Image) -> tuple[str, str]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        relative = f"images/{digest[:2]}/{digest[2:4]}/{digest}.png"
+        target = self.root / relative
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        return digest, relative
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _to_record(row: BriefRow) -> BriefRecord:
+    return BriefRecord(
+        id=row.id, client_reference=row.client_reference, title=row.title, brief=Brief.model_validate(row.spec),
+        preset=row.preset, status=row.status, error=row.error, progress=row.progress or {}, task_id=row.task_id,
+        attempts=row.attempts, cancel_requested=row.cancel_requested, created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at,
+    )
+
+
+class UnknownBriefError(LookupError):
+    pass
+
+
+class Store:
+    def __init__(self, database_url: str, home: str | Path):
+        self.url = database_url
+        if database_url.startswith("sqlite:///"):
+            Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(database_url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.images = ImageStore(home)
+
+    # -- briefs -----------------------------------------------------------------------
+    def create_brief(self, brief: Brief, preset: str) -> tuple[BriefRecord, bool]:
+        """Store a resolved brief as queued. Returns (record, created); a known
+        ``client_reference`` returns the first brief and ``created=False``."""
+        if brief.client_reference:
+            existing = self.find_by_reference(brief.client_reference)
+            if existing:
+                return existing, False
+        row = BriefRow(
+            id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
+            spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
+            cancel_requested=False, created_at=utcnow(),
+        )
+        try:
+            with self.sessions.begin() as session:
+                session.add(row)
+        except IntegrityError:
+            existing = self.find_by_reference(brief.client_reference) if brief.client_reference else None
+            if existing is None:
+                raise
+            return existing, False
+        return _to_record(row), True
+
+    def find_by_reference(self, reference: str) -> BriefRecord | None:
+        with self.sessions() as session:
+            row = session.scalars(select(BriefRow).where(BriefRow.client_reference == reference)).first()
+            return _to_record(row) if row else None
+
+    def get_brief(self, brief_id: str) -> BriefRecord:
+        with self.sessions() as session:
+            row = session.get(BriefRow, brief_id)
+            if row is None:
+                raise UnknownBriefError(f"no brief with id {brief_id!r}")
+            return _to_record(row)
+
+    def list_briefs(self, status: str | None = None) -> list[BriefRecord]:
+        with self.sessions() as session:
+            query = select(BriefRow).order_by(BriefRow.created_at)
+            if status:
+                query = query.where(BriefRow.status == status)
+            return [_to_record(r) for r in session.scalars(query)]
+
+    def delete_queued_brief(self, brief_id: str) -> None:
+        """Roll back a brief that could not be enqueued (it never ran, it has no items)."""
+        with self.sessions.begin() as session:
+            row = session.get(BriefRow, brief_id)
+            if row is not None and row.status == "queued" and row.attempts == 0:
+                session.delete(row)
+
+    def set_task_id(self, brief_id: str, task_id: str) -> None:
+        self._update(brief_id, task_id=task_id)
+
+    def start_attempt(self, brief_id: str, max_attempts: int) -> BriefRecord:
+        """Mark a delivery of the brief as running. A brief already finished, or
+        cancelled, is returned unchanged; one delivered more than ``max_attempts``
+        times (its workers died) is failed."""
+        with self.sessions.begin() as session:
+            row = session.get(BriefRow, brief_id, with_for_update=True)
+            if row is None:
+                raise UnknownBriefError(f"no brief with id {brief_id!r}")
+            if row.status in TERMINAL_STATUSES:
+                return _to_record(row)
+            if row.cancel_requested:
+                row.status, row.finished_at = "cancelled", utcnow()
+                return _to_record(row)
+            row.attempts += 1
+            if row.attempts > max_attempts:
+                row.status, row.finished_at = "failed", utcnow()
+                row.error = f"abandoned after {max_attempts} deliveries whose workers died"
+            else:
+                row.status, row.error = "running", None
+                row.started_at = row.started_at or utcnow()
+            return _to_record(row)
+
+    def update_progress(self, brief_id: str, progress: dict[str, Any]) -> None:
+        self._update(brief_id, progress=progress)
+
+    def finish(self, brief_id: str, status: BriefStatus, error: str | None = None) -> BriefRecord:
+        with self.sessions.begin() as session:
+            row = session.get(BriefRow, brief_id)
+            if row.status not in TERMINAL_STATUSES:
+                row.status, row.error, row.finished_at = status, error, utcnow()
+            return _to_record(row)
+
+    def request_cancel(self, brief_id: str) -> BriefRecord:
+        """Ask for a brief to stop: a queued brief is cancelled at once, a running one
+        at its next denoising step; a finished one is left as it is."""
+        with self.sessions.begin() as session:
+            row = session.get(BriefRow, brief_id, with_for_update=True)
+            if row is None:
+                raise UnknownBriefError(f"no brief with id {brief_id!r}")
+            if row.status not in TERMINAL_STATUSES:
+                row.cancel_requested = True
+                if row.status == "queued":
+                    row.status, row.finished_at = "cancelled", utcnow()
+            return _to_record(row)
+
+    def is_cancel_requested(self, brief_id: str) -> bool:
+        with self.sessions() as session:
+            return bool(session.scalar(select(BriefRow.cancel_requested).where(BriefRow.id == brief_id)))
+
+    def _update(self, brief_id: str, **values: Any) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(BriefRow).where(BriefRow.id == brief_id).values(**values))
+
+    # -- items ------------------------------------------------------------------------
+    def existing_variants(self, brief_id: str) -> set[int]:
+        with self.sessions() as session:
+            return set(session.scalars(select(ItemRow.variant).where(ItemRow.brief_id == brief_id)))
+
+    def add_items(self, items: list[NewItem]) -> int:
+        """Insert items in one transaction, skipping (brief, variant) pairs that exist."""
+        if not items:
+            return 0
+        rows = [{**item.model_dump(), "id": item_id(item.brief_id, item.variant), "created_at": utcnow()} for item in items]
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - other databases: skip known variants, then plain insert
+            from sqlalchemy import insert
+        statement = insert(ItemRow).values(rows)
+        if dialect in ("postgresql", "sqlite"):
+            statement = statement.on_conflict_do_nothing(index_elements=["brief_id", "variant"])
+        with self.sessions.begin() as session:
+            return session.execute(statement).rowcount or 0
+
+    def list_items(self, brief_id: str) -> list[ItemRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(ItemRow).where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant))
+            return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def count_items(self) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(ItemRow)) or 0
+
+
+def open_store() -> Store:
+    """The store named by the settings (``GENSHOP_DATABASE_URL`` and ``GENSHOP_HOME``)."""
+    from genshop.settings import get_settings
+
+    settings = get_settings()
+    return Store(settings.database_url, settings.home)

@@ -1,0 +1,1 @@
+"""Celery face of GenShop: the app (``workers.app``) and thin tasks (``workers.tasks``)."""

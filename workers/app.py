@@ -1,0 +1,65 @@
+"""The Celery app: Redis broker and result backend, JSON only, late acks.
+
+Reliability settings, and why:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged only after it
+  ran, so a worker killed mid-brief leaves the message to be delivered again.
+- ``worker_prefetch_multiplier=1``: a worker holds one brief at a time, not a backlog that
+  would wait behind a long generation (and be redelivered with it).
+- ``visibility_timeout`` above the hard time limit: Redis redelivers unacked messages only
+  after this long, so a task still running is never handed to a second worker, and a
+  dead worker's task comes back once that time has passed.
+- soft/hard time limits: the soft one raises inside the task (the brief is failed with
+  the error); the hard one kills the process.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from genshop.settings import get_settings
+
+GENERATE_TASK = "genshop.generate_brief"
+
+
+def create_app() -> Celery:
+    settings = get_settings()
+    if settings.visibility_timeout <= settings.hard_time_limit:
+        raise ValueError(
+            f"GENSHOP_VISIBILITY_TIMEOUT ({settings.visibility_timeout}s) must exceed GENSHOP_HARD_TIME_LIMIT "
+            f"({settings.hard_time_limit}s), or running tasks are redelivered to a second worker"
+        )
+    app = Celery("genshop", broker=settings.broker_url, backend=settings.result_backend, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.hard_time_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend_always_retry=True,
+        result_backend_max_retries=30,
+        result_expires=7 * 24 * 3600,
+        task_track_started=True,
+        task_default_queue=settings.queue,
+        task_routes={GENERATE_TASK: {"queue": settings.queue}},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+app = create_app()
+
+
+def enqueue_generation(brief_id: str) -> str:
+    """Put a stored brief on the generation queue; the task id is derived from the brief."""
+    task_id = f"generate-{brief_id}"
+    app.send_task(GENERATE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().queue)
+    return task_id
