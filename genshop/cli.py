@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from genshop.briefs import BriefError
-from genshop.presets import PresetError
+from genshop.presets import ModelUnavailableError, PresetError
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, UnknownBriefError
 
@@ -38,12 +38,14 @@ class GenshopGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BriefError as exc:
-            stderr.print(f"[red]error:[/red] invalid brief in {exc.source}:", highlight=False)
+            stderr.print(f"Error: invalid brief in {exc.source}:", highlight=False, markup=False)
             for issue in exc.issues:
                 stderr.print(f"  {issue}", highlight=False, markup=False)
             raise SystemExit(2) from None
         except (UnknownBriefError, PresetError) as exc:
             raise InvalidInput(str(exc)) from None
+        except ModelUnavailableError as exc:
+            raise click.ClickException(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - a face: no tracebacks unless asked for
@@ -130,13 +132,14 @@ def demo(out_dir: Path, preset: str | None) -> None:
               help="worker processes (one per GPU on GPU machines)")
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True)
-def worker(concurrency: int, loglevel: str, pool: str) -> None:
+@click.option("-n", "--hostname", default="genshop@%h", show_default=True, help="node name; unique per worker")
+def worker(concurrency: int, loglevel: str, pool: str, hostname: str) -> None:
     """Start a Celery worker on the generation queue (pipeline loaded once per process)."""
     os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
     from workers.app import app
 
     app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--pool={pool}",
-                     f"--queues={get_settings().queue}", "--without-gossip", "--without-mingle"])
+                     f"--queues={get_settings().queue}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"])
 
 
 @main.command()
@@ -147,18 +150,20 @@ def worker(concurrency: int, loglevel: str, pool: str) -> None:
 def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
     """Validate a brief file (YAML or JSON), store it and queue it."""
     from genshop.briefs import load_brief_file
-    from genshop.service import submit_brief
 
-    brief = load_brief_file(file)
+    brief = load_brief_file(file)  # before the heavy imports: bad input fails fast
+    from genshop.pipelines import load_pipeline
+    from genshop.service import run_brief, submit_brief
+
     settings = get_settings()
+    loaded = load_pipeline(settings.preset) if local else None  # a model that cannot load stores nothing
     store = _store()
-    record, created = submit_brief(store, brief, settings.preset)
+    try:
+        record, created = submit_brief(store, brief, settings.preset)
+    except BriefError as exc:
+        raise BriefError(exc.issues, str(file)) from None
     if local:
-        if created or record.status == "queued":
-            from genshop.pipelines import load_pipeline
-            from genshop.service import run_brief
-
-            loaded = load_pipeline(settings.preset)
+        if record.status == "queued":
             with _progress_bar() as bar:
                 if as_json:
                     bar.stop()
@@ -173,6 +178,7 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
             except Exception:
                 store.delete_queued_brief(record.id)
                 raise
+            record = store.get_brief(record.id)
         if wait:
             record = _wait(store, record, show=not as_json)
     if as_json:

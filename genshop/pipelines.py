@@ -3,7 +3,7 @@
 ``load_pipeline(preset)`` resolves the preset's folder or hub id and calls the
 pipeline class's ``from_pretrained``. Presets with ``random_init`` are first built from
 their component configs (seeded, so every machine gets the same weights) and saved
-with ``save_pretrained`` into ``$GENSHOP_HOME/models``, then loaded like any checkpoint.
+with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from pathlib import Path
 
 import torch
 
-from genshop.presets import Preset, load_preset, model_location
+from genshop.presets import ModelUnavailableError, Preset, load_preset, model_location
 from genshop.settings import get_settings
 from genshop.tokenizer import write_clip_tokenizer
-
-
-class ModelUnavailableError(RuntimeError):
-    """The preset's weights are neither on disk nor downloadable (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +109,17 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
         kwargs["variant"] = preset.variant
     if preset.pipeline_class == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    previous = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # the hub's retry chatter is not the error
     try:
         pipe = pipeline_class.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError) as exc:
         raise ModelUnavailableError(
-            f"preset {preset.name!r}: cannot load {location!r} (not on disk and not downloadable here: {first[:200]})"
+            f"preset {preset.name!r}: model {location!r} is not on this machine and cannot be downloaded "
+            f"({type(exc).__name__}); put it in the Hugging Face cache or point the preset at a local folder"
         ) from None
+    finally:
+        diffusers.utils.logging.set_verbosity(previous)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{preset.random_init}",

@@ -61,6 +61,10 @@ class PresetError(ValueError):
     """A preset that does not exist or does not parse."""
 
 
+class ModelUnavailableError(RuntimeError):
+    """The preset's weights are neither on disk nor downloadable (one-line message)."""
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in (get_settings().configs_dir / "presets").glob("*.yaml"))
 
@@ -78,7 +82,7 @@ def load_preset(name: str) -> Preset:
 def model_location(preset: Preset) -> str:
     """Where ``from_pretrained`` loads the preset's weights from: a folder path or a hub id."""
     if preset.random_init is not None:
-        return str(get_settings().home / "models" / preset.random_init)
+        return str(get_settings().models_dir / preset.random_init)
     candidate = Path(preset.model).expanduser()
     if not candidate.is_absolute():
         repo_relative = get_settings().configs_dir.parent / candidate

@@ -20,6 +20,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     home: Path = Field(description="GENSHOP_HOME: images, built models, the default SQLite database")
+    models_dir: Path = Field(description="GENSHOP_MODELS: where presets with random_init are built (default HOME/models)")
     database_url: str = Field(description="GENSHOP_DATABASE_URL: any SQLAlchemy URL (sqlite, postgresql+psycopg)")
     broker_url: str = Field(description="GENSHOP_BROKER_URL: Celery broker (Redis)")
     result_backend: str = Field(description="GENSHOP_RESULT_BACKEND: Celery result backend, defaults to the broker URL")
@@ -46,6 +47,7 @@ def get_settings() -> Settings:
     hard = int(_env("GENSHOP_HARD_TIME_LIMIT", "1800"))
     return Settings(
         home=home,
+        models_dir=Path(_env("GENSHOP_MODELS", str(home / "models"))).expanduser().resolve(),
         database_url=_env("GENSHOP_DATABASE_URL", f"sqlite:///{home / 'genshop.db'}"),
         broker_url=broker,
         result_backend=_env("GENSHOP_RESULT_BACKEND", broker),

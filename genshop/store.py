@@ -1,9 +1,9 @@
 """The store: SQLAlchemy tables and the content-addressed image files.
 
 This module is the only code that writes the database. Everything it hands out is a
-pydantic record, never an ORM row. Any SQLAlchemy URL works; SQLite (the default under
-``GENSHOP_HOME``) runs in WAL mode so several worker processes can write, and
-PostgreSQL (``postgresql+psycopg://...``) is tested too.
+pydantic record, never an ORM row. Two databases are supported and tested: SQLite (the
+default under ``GENSHOP_HOME``, in WAL mode so several worker processes can write) and
+PostgreSQL (``postgresql+psycopg://...``).
 """
 
 from __future__ import annotations
@@ -302,18 +302,14 @@ class Store:
         if not items:
             return 0
         rows = [{**item.model_dump(), "id": item_id(item.brief_id, item.variant), "created_at": utcnow()} for item in items]
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
+        if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
-        elif dialect == "sqlite":
+        else:
             from sqlalchemy.dialects.sqlite import insert
-        else:  # pragma: no cover - other databases: skip known variants, then plain insert
-            from sqlalchemy import insert
-        statement = insert(ItemRow).values(rows)
-        if dialect in ("postgresql", "sqlite"):
-            statement = statement.on_conflict_do_nothing(index_elements=["brief_id", "variant"])
+        statement = (insert(ItemRow).values(rows)
+                     .on_conflict_do_nothing(index_elements=["brief_id", "variant"]).returning(ItemRow.id))
         with self.sessions.begin() as session:
-            return session.execute(statement).rowcount or 0
+            return len(session.execute(statement).all())
 
     def list_items(self, brief_id: str) -> list[ItemRecord]:
         with self.sessions() as session:

@@ -7,7 +7,9 @@ Reliability settings, and why:
   would wait behind a long generation (and be redelivered with it).
 - ``visibility_timeout`` above the hard time limit: Redis redelivers unacked messages only
   after this long, so a task still running is never handed to a second worker, and a
-  dead worker's task comes back once that time has passed.
+  dead worker's task comes back once that time has passed (any live or restarted
+  worker scans for such messages every few seconds). The Redis server must persist
+  (AOF or RDB on shutdown) for queued briefs to survive a Redis restart.
 - soft/hard time limits: the soft one raises inside the task (the brief is failed with
   the error); the hard one kills the process.
 """
@@ -39,7 +41,12 @@ def create_app() -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # scan for a dead worker's unacked messages this often (kombu's default is ~100 s)
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -59,7 +59,7 @@ def generate_brief(self, brief_id: str) -> dict:
     record = run_brief(worker_store(), brief_id, worker_pipeline(), get_settings().max_attempts, on_progress)
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
     if record.status == "cancelled":
-        self.update_state(state="REVOKED", meta=result)
+        self.backend.mark_as_revoked(self.request.id, reason="cancelled by request", request=self.request)
         raise Ignore()
     if record.status == "failed":
         raise RuntimeError(record.error)

@@ -1,0 +1,1 @@
+"""Evaluation jobs: each is a function taking a config and one progress callback, returning a report."""

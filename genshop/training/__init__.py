@@ -1,0 +1,1 @@
+"""Training jobs: each is a function taking a config and one progress callback."""

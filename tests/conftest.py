@@ -1,0 +1,146 @@
+"""Shared fixtures: real Redis, real worker subprocesses, real files, real databases.
+
+Every test gets its own GENSHOP_HOME (SQLite database and images) and its own Celery
+queue name, so tests never see each other's briefs. The tiny-random model is built once
+per session into a shared models folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSHOP_")}
+    env.update({
+        "GENSHOP_HOME": str(home),
+        "GENSHOP_MODELS": str(models_dir),
+        "GENSHOP_PRESET": "tiny-random",
+        "GENSHOP_QUEUE": f"test-{uuid.uuid4().hex[:10]}",
+        "GENSHOP_BROKER_URL": TEST_REDIS_URL,
+        "GENSHOP_TORCH_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def env(tmp_path, models_dir, monkeypatch) -> dict[str, str]:
+    """Environment for subprocesses, also applied to this process's settings."""
+    from genshop.settings import get_settings
+
+    values = make_env(tmp_path / "home", models_dir)
+    for key, value in values.items():
+        if key.startswith("GENSHOP_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    yield values
+    get_settings.cache_clear()
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genshop.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def cli_json(args: list[str], env: dict[str, str], expect_rc: int = 0) -> dict:
+    proc = run_cli(args, env)
+    assert proc.returncode == expect_rc, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def write_brief(path: Path, **fields) -> Path:
+    path.write_text(json.dumps({"title": "Women's red kurta", **fields}))
+    return path
+
+
+class WorkerProcess:
+    """``genshop worker`` in its own process group, with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 1, name: str | None = None):
+        self.log = log
+        args = [sys.executable, "-m", "genshop.cli", "worker", f"--concurrency={concurrency}", "--loglevel=info",
+                f"--hostname={name or 'w-' + uuid.uuid4().hex[:6]}@%h"]
+        self.proc = subprocess.Popen(args, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> "WorkerProcess":
+        def ready():
+            assert self.proc.poll() is None, f"worker exited: {self.log.read_text()[-3000:]}"
+            return " ready." in self.log.read_text(errors="replace")
+        wait_for(ready, timeout, 0.2, "the worker to be ready")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    workers: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], concurrency: int = 1, ready: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", concurrency)
+        workers.append(worker)
+        return worker.wait_ready() if ready else worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.ping()
+    return client

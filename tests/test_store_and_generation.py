@@ -1,0 +1,140 @@
+"""Store (SQLite and PostgreSQL), content-addressed images, generation determinism and cancellation."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import psycopg
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from genshop.briefs import parse_brief, resolve_brief
+from genshop.generation import GenerationCancelled, generate_batch, plan_batches
+from genshop.pipelines import load_pipeline
+from genshop.presets import load_preset
+from genshop.service import run_brief, submit_brief
+from genshop.store import ImageStore, NewItem, Store
+
+POSTGRES_ADMIN_URL = os.environ.get("GENSHOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def loaded(env):
+    return load_pipeline("tiny-random")
+
+
+@pytest.fixture
+def postgres_url():
+    name = f"genshop_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path, env):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    store = Store(url, tmp_path / "files")
+    yield store
+    store.engine.dispose()
+
+
+def test_brief_runs_to_completion_and_items_record_their_provenance(store, loaded):
+    record, created = submit_brief(store, parse_brief({"title": "Red kurta", "colour": "Red", "variants": 5, "seed": 11}),
+                                   "tiny-random")
+    assert created and record.status == "queued"
+    finished = run_brief(store, record.id, loaded, max_attempts=2)
+    assert finished.status == "succeeded" and finished.attempts == 1
+    items = store.list_items(record.id)
+    assert [i.variant for i in items] == list(range(5)) and [i.seed for i in items] == [11 + v for v in range(5)]
+    for item in items:
+        assert item.prompt.startswith("Red kurta") and item.model_id == "genshop/tiny-random"
+        assert item.model_revision.startswith("sha256:") and item.timings["generate_s"] > 0
+        assert Image.open(store.images.path(item.image_path)).size == (32, 32)
+
+
+def test_same_client_reference_returns_the_first_brief(store):
+    first, created = submit_brief(store, parse_brief({"title": "A", "client_reference": "ref-1"}), "tiny-random")
+    again, created_again = submit_brief(store, parse_brief({"title": "B", "client_reference": "ref-1"}), "tiny-random")
+    assert created and not created_again and again.id == first.id and again.title == "A"
+    assert len(store.list_briefs()) == 1
+
+
+def test_adding_a_variant_twice_keeps_one_item(store):
+    record, _ = submit_brief(store, parse_brief({"title": "A", "variants": 2}), "tiny-random")
+    item = NewItem(brief_id=record.id, variant=0, prompt="p", negative_prompt="", seed=1, steps=1, guidance_scale=1.0,
+                   width=32, height=32, model_id="m", model_revision="r", image_sha256="0" * 64, image_path="x.png",
+                   timings={})
+    assert store.add_items([item]) == 1
+    assert store.add_items([item, item.model_copy(update={"variant": 1})]) == 1
+    assert [i.variant for i in store.list_items(record.id)] == [0, 1]
+
+
+def test_redelivered_brief_generates_only_missing_variants(store, loaded):
+    record, _ = submit_brief(store, parse_brief({"title": "A", "variants": 12, "seed": 3}), "tiny-random")
+    store.start_attempt(record.id, max_attempts=2)  # a first delivery whose worker died after batch 1
+    first_batch = plan_batches(12, loaded.preset.defaults.batch_size)[0]
+    images = generate_batch(loaded, store.get_brief(record.id).brief, first_batch)
+    kept = {}
+    for generated in images:
+        sha, path = store.images.put(generated.image)
+        kept[generated.variant] = sha
+        store.add_items([NewItem(brief_id=record.id, variant=generated.variant, prompt=generated.prompt,
+                                 negative_prompt="", seed=generated.seed, steps=1, guidance_scale=1.0, width=32,
+                                 height=32, model_id="m", model_revision="r", image_sha256=sha, image_path=path,
+                                 timings={})])
+    finished = run_brief(store, record.id, loaded, max_attempts=2)
+    items = store.list_items(record.id)
+    assert finished.status == "succeeded" and finished.attempts == 2 and len(items) == 12
+    assert {i.variant: i.image_sha256 for i in items if i.variant in kept} == kept
+
+
+def test_a_brief_whose_workers_keep_dying_is_failed_not_retried_forever(store):
+    record, _ = submit_brief(store, parse_brief({"title": "A"}), "tiny-random")
+    assert store.start_attempt(record.id, max_attempts=2).status == "running"
+    assert store.start_attempt(record.id, max_attempts=2).status == "running"
+    third = store.start_attempt(record.id, max_attempts=2)
+    assert third.status == "failed" and "2 deliveries" in third.error
+
+
+def test_same_brief_seed_and_model_give_the_same_images(tmp_path, loaded):
+    store = Store(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "files")
+    hashes = []
+    for _ in range(2):
+        record, _ = submit_brief(store, parse_brief({"title": "Blue jeans", "variants": 3, "seed": 42}), "tiny-random")
+        run_brief(store, record.id, loaded, max_attempts=2)
+        hashes.append([i.image_sha256 for i in store.list_items(record.id)])
+    assert hashes[0] == hashes[1] and len(set(hashes[0])) == 3
+
+
+def test_cancellation_stops_at_the_next_denoising_step(loaded):
+    brief = resolve_brief(parse_brief({"title": "A", "variants": 2, "steps": 20, "seed": 1}), load_preset("tiny-random"))
+    steps_run = []
+    with pytest.raises(GenerationCancelled):
+        generate_batch(loaded, brief, [0, 1], should_stop=lambda: len(steps_run) >= 3,
+                       on_step=lambda step, total: steps_run.append(step))
+    assert steps_run == [1, 2, 3]
+
+
+def test_content_addressed_store_writes_each_image_once(tmp_path):
+    images = ImageStore(tmp_path)
+    red = Image.new("RGB", (8, 8), "red")
+    first = images.put(red)
+    assert images.put(red.copy()) == first and images.put(Image.new("RGB", (8, 8), "blue")) != first
+    assert len(list(tmp_path.rglob("*.png"))) == 2 and first[1].endswith(f"{first[0]}.png")
+
+
+def test_tiny_random_bundle_loads_with_plain_diffusers(loaded):
+    from genshop.presets import model_location
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_location(load_preset("tiny-random")))
+    image = pipe("a red kurta", num_inference_steps=2, width=32, height=32).images[0]
+    assert image.size == (32, 32)
