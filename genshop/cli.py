@@ -174,7 +174,7 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
             from workers.app import enqueue_generation
 
             try:
-                store.set_task_id(record.id, enqueue_generation(record.id))
+                store.mark_enqueued(record.id, enqueue_generation(record.id))
             except Exception:
                 store.delete_queued_brief(record.id)
                 raise

@@ -83,7 +83,6 @@ class Embedder:
     device: str
     batch_size: int
     logit_scale: float
-    embed_dim: int
 
     def _image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
@@ -116,9 +115,7 @@ class OpenClipEmbedder(Embedder):
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=self.device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.logit_scale = float(self.model.logit_scale.exp())
-        self.embed_dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") \
-            and isinstance(self.model.text_projection, torch.Tensor) else None
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
 
     def _image_features(self, images):
         pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
@@ -153,18 +150,19 @@ class TransformersEmbedder(Embedder):
         kwargs = {"local_files_only": config.local_files_only}
         self.model = CLIPModel.from_pretrained(config.model, **kwargs).to(self.device).eval()
         max_length = self.model.config.text_config.max_position_embeddings
-        try:
+        folder = Path(config.model)
+        local = folder.is_dir()
+        if not local or (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             self.tokenizer = CLIPTokenizer.from_pretrained(config.model, **kwargs)
-        except (OSError, ValueError, TypeError):
+        else:  # a bare model folder: CLIP's own BPE vocabulary, built offline
             self.tokenizer = _offline_tokenizer(max_length)
-        try:
+        if not local or (folder / "preprocessor_config.json").is_file():
             self.processor = CLIPImageProcessor.from_pretrained(config.model, **kwargs)
-        except (OSError, ValueError, TypeError):
+        else:
             size = self.model.config.vision_config.image_size
             self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         self.max_length = min(max_length, self.tokenizer.model_max_length)
-        self.logit_scale = float(self.model.logit_scale.exp())
-        self.embed_dim = self.model.config.projection_dim
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
 
     def _image_features(self, images):
         pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]

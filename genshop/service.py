@@ -112,6 +112,25 @@ def run_brief(
     return store.finish(brief_id, "succeeded")
 
 
+def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: float) -> list[str]:
+    """Put unfinished briefs untouched for ``older_than_s`` back on the queue.
+
+    The database, not the broker, is the record of what must be done: a Redis restart
+    can drop a message that a worker had popped but not yet recorded as unacknowledged.
+    A requeued brief that is in fact still queued runs once and its duplicate message
+    finds it finished, so a sweep can only add work, never lose or repeat it.
+    """
+    from datetime import timedelta
+
+    from genshop.store import utcnow
+
+    requeued = []
+    for record in store.claim_stale(utcnow() - timedelta(seconds=older_than_s)):
+        store.mark_enqueued(record.id, enqueue(record.id))
+        requeued.append(record.id)
+    return requeued
+
+
 def cancel_brief(store: Store, brief_id: str) -> BriefRecord:
     return store.request_cancel(brief_id)
 

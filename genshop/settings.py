@@ -32,6 +32,7 @@ class Settings(BaseModel):
     hard_time_limit: int = Field(description="GENSHOP_HARD_TIME_LIMIT: seconds before a task's process is killed")
     visibility_timeout: int = Field(description="GENSHOP_VISIBILITY_TIMEOUT: seconds before an unacked task is redelivered")
     max_attempts: int = Field(description="GENSHOP_MAX_ATTEMPTS: deliveries of one brief before it is failed")
+    requeue_after: int = Field(description="GENSHOP_REQUEUE_AFTER: seconds untouched before a worker requeues a brief")
 
 
 def _env(name: str, default: str) -> str:
@@ -45,6 +46,7 @@ def get_settings() -> Settings:
     home = Path(_env("GENSHOP_HOME", str(Path.home() / ".genshop"))).expanduser().resolve()
     broker = _env("GENSHOP_BROKER_URL", "redis://127.0.0.1:6379/0")
     hard = int(_env("GENSHOP_HARD_TIME_LIMIT", "1800"))
+    visibility = int(_env("GENSHOP_VISIBILITY_TIMEOUT", str(2 * hard)))
     return Settings(
         home=home,
         models_dir=Path(_env("GENSHOP_MODELS", str(home / "models"))).expanduser().resolve(),
@@ -55,8 +57,9 @@ def get_settings() -> Settings:
         configs_dir=Path(_env("GENSHOP_CONFIGS", str(REPO_ROOT / "configs"))).resolve(),
         queue=_env("GENSHOP_QUEUE", "generate"),
         device=_env("GENSHOP_DEVICE", "auto"),
-        soft_time_limit=int(_env("GENSHOP_SOFT_TIME_LIMIT", str(max(1, hard - 60)))),
+        soft_time_limit=int(_env("GENSHOP_SOFT_TIME_LIMIT", str(max(1, hard - min(60, hard // 10))))),
         hard_time_limit=hard,
-        visibility_timeout=int(_env("GENSHOP_VISIBILITY_TIMEOUT", str(2 * hard))),
+        visibility_timeout=visibility,
+        requeue_after=int(_env("GENSHOP_REQUEUE_AFTER", str(visibility + visibility // 2))),
         max_attempts=int(_env("GENSHOP_MAX_ATTEMPTS", "2")),
     )

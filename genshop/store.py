@@ -54,6 +54,8 @@ class BriefRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -93,6 +95,8 @@ class BriefRecord(BaseModel):
     attempts: int
     cancel_requested: bool
     created_at: datetime
+    enqueued_at: datetime | None
+    updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -167,7 +171,8 @@ def _to_record(row: BriefRow) -> BriefRecord:
         id=row.id, client_reference=row.client_reference, title=row.title, brief=Brief.model_validate(row.spec),
         preset=row.preset, status=row.status, error=row.error, progress=row.progress or {}, task_id=row.task_id,
         attempts=row.attempts, cancel_requested=row.cancel_requested, created_at=row.created_at,
-        started_at=row.started_at, finished_at=row.finished_at,
+        enqueued_at=row.enqueued_at, updated_at=row.updated_at, started_at=row.started_at,
+        finished_at=row.finished_at,
     )
 
 
@@ -198,7 +203,7 @@ class Store:
         row = BriefRow(
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
-            cancel_requested=False, created_at=utcnow(),
+            cancel_requested=False, created_at=utcnow(), updated_at=utcnow(),
         )
         try:
             with self.sessions.begin() as session:
@@ -236,8 +241,26 @@ class Store:
             if row is not None and row.status == "queued" and row.attempts == 0:
                 session.delete(row)
 
-    def set_task_id(self, brief_id: str, task_id: str) -> None:
-        self._update(brief_id, task_id=task_id)
+    def mark_enqueued(self, brief_id: str, task_id: str) -> None:
+        self._update(brief_id, task_id=task_id, enqueued_at=utcnow())
+
+    def claim_stale(self, older_than: datetime) -> list[BriefRecord]:
+        """Unfinished briefs nobody has touched since ``older_than`` (their queue message
+        was lost, or their worker died and its message with it), re-stamped as enqueued
+        now. The stamp is a compare-and-set, so of several sweepers only one claims each."""
+        claimed = []
+        with self.sessions.begin() as session:
+            candidates = session.scalars(select(BriefRow.id).where(
+                BriefRow.status.in_(("queued", "running")), BriefRow.cancel_requested.is_(False),
+                BriefRow.updated_at < older_than, BriefRow.enqueued_at < older_than)).all()
+        for brief_id in candidates:
+            with self.sessions.begin() as session:
+                result = session.execute(update(BriefRow).where(
+                    BriefRow.id == brief_id, BriefRow.updated_at < older_than, BriefRow.enqueued_at < older_than,
+                    BriefRow.status.in_(("queued", "running"))).values(enqueued_at=utcnow()))
+                if result.rowcount == 1:
+                    claimed.append(_to_record(session.get(BriefRow, brief_id)))
+        return claimed
 
     def start_attempt(self, brief_id: str, max_attempts: int) -> BriefRecord:
         """Mark a delivery of the brief as running. A brief already finished, or

@@ -138,3 +138,27 @@ def test_tiny_random_bundle_loads_with_plain_diffusers(loaded):
     pipe = StableDiffusionPipeline.from_pretrained(model_location(load_preset("tiny-random")))
     image = pipe("a red kurta", num_inference_steps=2, width=32, height=32).images[0]
     assert image.size == (32, 32)
+
+
+def test_stale_unfinished_briefs_are_requeued_once_per_sweep(store):
+    import time
+
+    from genshop.service import requeue_stale
+
+    sent = []
+    lost, _ = submit_brief(store, parse_brief({"title": "lost in a broker restart"}), "tiny-random")
+    store.mark_enqueued(lost.id, "generate-x")
+    done, _ = submit_brief(store, parse_brief({"title": "finished"}), "tiny-random")
+    store.mark_enqueued(done.id, "generate-y")
+    store.start_attempt(done.id, max_attempts=2)
+    store.finish(done.id, "succeeded")
+    time.sleep(0.3)
+    fresh, _ = submit_brief(store, parse_brief({"title": "just submitted"}), "tiny-random")
+    store.mark_enqueued(fresh.id, "generate-z")
+
+    def enqueue(brief_id: str) -> str:
+        sent.append(brief_id)
+        return f"generate-{brief_id}"
+
+    assert requeue_stale(store, enqueue, older_than_s=0.2) == [lost.id] and sent == [lost.id]
+    assert requeue_stale(store, enqueue, older_than_s=0.2) == []  # just re-stamped: not stale again yet

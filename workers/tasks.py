@@ -2,22 +2,27 @@
 
 The diffusion pipeline is loaded once per worker process, in ``worker_process_init``
 (after the prefork pool forked, never in the parent), and kept for every task that
-process runs.
+process runs. The parent runs the requeue sweep (``genshop.service.requeue_stale``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import torch
 from celery import signals
 from celery.exceptions import Ignore
+from celery.utils.log import get_logger
 
 from genshop.pipelines import LoadedPipeline, load_pipeline
-from genshop.service import Progress, run_brief
+from genshop.service import Progress, requeue_stale, run_brief
 from genshop.settings import get_settings
 from genshop.store import Store, open_store
-from workers.app import GENERATE_TASK, app
+from workers.app import GENERATE_TASK, app, enqueue_generation
+
+logger = get_logger("genshop.workers")
 
 _pipeline: LoadedPipeline | None = None
 _store: Store | None = None
@@ -46,6 +51,26 @@ def worker_store() -> Store:
 def _load_models_in_child(**_kwargs) -> None:
     worker_store()
     worker_pipeline()
+
+
+@signals.worker_ready.connect
+def _start_requeue_sweeper(**_kwargs) -> None:
+    """In the worker's main process: every few seconds, requeue briefs the broker lost."""
+    settings = get_settings()
+    interval = max(1.0, min(60.0, settings.requeue_after / 6))
+
+    def sweep_forever() -> None:
+        store = open_store()
+        while True:
+            time.sleep(interval)
+            try:
+                requeued = requeue_stale(store, enqueue_generation, settings.requeue_after)
+                if requeued:
+                    logger.warning("requeued %d stale brief(s): %s", len(requeued), ", ".join(requeued))
+            except Exception:  # noqa: BLE001 - a broker or database blip: try again next round
+                logger.exception("requeue sweep failed")
+
+    threading.Thread(target=sweep_forever, name="genshop-requeue", daemon=True).start()
 
 
 @app.task(bind=True, name=GENERATE_TASK)

@@ -24,7 +24,7 @@ def truncate_log(path: str | Path, after_step: int) -> None:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+def _smooth(values: list[float], weight: float = 0.6) -> list[float]:
     out, last = [], None
     for v in values:
         last = v if last is None else weight * last + (1 - weight) * v

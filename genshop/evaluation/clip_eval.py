@@ -1,0 +1,122 @@
+"""Evaluate any CLIP behind the embedding interface on a catalog split.
+
+- Zero-shot categorization: every label of a taxonomy column becomes a class; its text
+  embedding is the mean of the embeddings of several prompt templates (CLIP's prompt
+  ensembling), re-normalised; an image gets the class with the highest cosine.
+  Reported: master-category accuracy, article-type accuracy and support-weighted F1,
+  colour accuracy.
+- Text→image retrieval: each listing's title is a query against every image of the
+  split; the listing's own image is the one correct answer (titles shared by several
+  listings therefore cap the score). Reported: R@1, R@10, MRR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from genshop.catalog_data import decode_image, read_catalog
+from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
+
+PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "master_category": ("a photo of {}.", "a product photo of {}.", "{}", "a catalog photo of {} products.",
+                        "an item from the {} category."),
+    "article_type": ("a photo of {}.", "a product photo of {}.", "{}", "a catalog photo of {}.",
+                     "a photo of a {} product."),
+    "colour": ("a photo of a {} product.", "a {} item.", "{} colour", "a product in {}.", "a {} colour product photo."),
+}
+
+TARGETS = {"master_category_accuracy": 0.97, "article_type_weighted_f1": 0.75, "colour_accuracy": 0.65,
+           "retrieval_mrr": 0.5}
+
+ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class ClipEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: EmbeddingConfig
+    data: list[Path] = Field(min_length=1)
+    max_rows: int | None = Field(default=None, ge=1, description="evaluate on the first rows only (smoke tests)")
+
+
+class ClipEvalReport(BaseModel):
+    model: str
+    backend: str
+    rows: int
+    metrics: dict[str, float]
+    targets: dict[str, float] = Field(default_factory=lambda: dict(TARGETS))
+
+    def passed(self) -> dict[str, bool]:
+        return {name: self.metrics[name] >= target for name, target in self.targets.items() if name in self.metrics}
+
+
+# ---------------------------------------------------------------- metrics (pure functions)
+
+def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    return float((y_true == y_pred).mean()) if len(y_true) else 0.0
+
+
+def weighted_f1(y_true: Sequence, y_pred: Sequence) -> float:
+    """F1 per true class, averaged with weights = the class's support (sklearn's ``average='weighted'``)."""
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    total = 0.0
+    for label in np.unique(y_true):
+        true_pos = np.sum((y_true == label) & (y_pred == label))
+        predicted, support = np.sum(y_pred == label), np.sum(y_true == label)
+        precision = true_pos / predicted if predicted else 0.0
+        recall = true_pos / support
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        total += f1 * support
+    return float(total / len(y_true)) if len(y_true) else 0.0
+
+
+def retrieval_ranks(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray) -> np.ndarray:
+    """1-based rank of gallery item i for query i (ties counted against the query)."""
+    similarity = query_embeddings @ gallery_embeddings.T
+    own = np.diag(similarity)[:, None]
+    return (similarity >= own).sum(axis=1)
+
+
+def retrieval_metrics(ranks: np.ndarray) -> dict[str, float]:
+    return {"retrieval_r@1": float((ranks <= 1).mean()), "retrieval_r@10": float((ranks <= 10).mean()),
+            "retrieval_mrr": float((1.0 / ranks).mean())}
+
+
+def zero_shot_classifier(embedder: Embedder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """One unit vector per label: the re-normalised mean embedding of the label in every template."""
+    texts = [template.format(label) for label in labels for template in templates]
+    embeddings = embedder.embed_texts(texts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
+def zero_shot_predict(image_embeddings: np.ndarray, class_embeddings: np.ndarray, labels: Sequence[str]) -> list[str]:
+    return [labels[i] for i in (image_embeddings @ class_embeddings.T).argmax(axis=1)]
+
+
+# ---------------------------------------------------------------- the job
+
+def evaluate_clip(config: ClipEvalConfig, progress: ProgressCallback | None = None) -> ClipEvalReport:
+    report = progress or (lambda stage, done, total: None)
+    frame = read_catalog(config.data)
+    if config.max_rows:
+        frame = frame.iloc[: config.max_rows]
+    embedder = load_embedder(config.embedding)
+    images = [decode_image(data) for data in frame["image"]]
+    image_embeddings = embedder.embed_images(images, lambda d, t: report("embedding images", d, t))
+
+    metrics: dict[str, float] = {}
+    for column, templates in PROMPT_TEMPLATES.items():
+        labels = sorted(set(frame[column]))
+        predicted = zero_shot_predict(image_embeddings, zero_shot_classifier(embedder, labels, templates), labels)
+        metrics[f"{column}_accuracy"] = accuracy(frame[column], predicted)
+        metrics[f"{column}_weighted_f1"] = weighted_f1(frame[column], predicted)
+        report(f"zero-shot {column}", 1, 1)
+
+    title_embeddings = embedder.embed_texts(list(frame["title"]), lambda d, t: report("embedding titles", d, t))
+    metrics.update(retrieval_metrics(retrieval_ranks(title_embeddings, image_embeddings)))
+    return ClipEvalReport(model=config.embedding.model, backend=embedder.backend, rows=len(frame), metrics=metrics)

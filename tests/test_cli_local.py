@@ -1,0 +1,62 @@
+"""The embedded default: `genshop demo` and `submit --local` need no Redis; presets and their errors."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from genshop.presets import load_preset, preset_names
+from tests.conftest import cli_json, free_port, run_cli, write_brief
+
+
+def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
+    env = {**env, "GENSHOP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GENSHOP_PRESET": "mini"}
+    proc = run_cli(["demo", "--out", str(tmp_path / "demo")], env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sheet = Image.open(tmp_path / "demo" / "contact-sheet.png")
+    assert sheet.width > 500 and sheet.height > 3 * 128
+    db = sqlite3.connect(tmp_path / "demo" / "genshop.db")
+    assert db.execute("select status, count(*) from briefs group by status").fetchall() == [("succeeded", 3)]
+    assert db.execute("select count(*) from items").fetchone()[0] == 16
+    assert "contact sheet" in proc.stdout
+
+
+def test_submit_local_runs_in_process_without_redis(env, tmp_path):
+    env = {**env, "GENSHOP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    submitted = cli_json(["submit", str(write_brief(tmp_path / "b.yaml", variants=3, seed=5)), "--local", "--json"], env)
+    assert submitted["status"] == "succeeded" and submitted["items_count"] == 3
+    results = cli_json(["results", submitted["brief_id"], "--json"], env)
+    assert [i["seed"] for i in results["items"]] == [5, 6, 7]
+
+
+def test_submit_to_an_unreachable_broker_fails_and_stores_nothing(env, tmp_path):
+    env = {**env, "GENSHOP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = run_cli(["submit", str(write_brief(tmp_path / "b.yaml")), "--json"], env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    db = sqlite3.connect(tmp_path / "home" / "genshop.db")
+    assert db.execute("select count(*) from briefs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd-turbo", "sdxl-turbo"])
+def test_real_presets_fail_offline_with_one_clear_line(env, tmp_path, preset):
+    env = {**env, "GENSHOP_PRESET": preset, "HF_HUB_OFFLINE": "1", "GENSHOP_HOME": str(tmp_path / "h")}
+    proc = run_cli(["submit", str(write_brief(tmp_path / "b.yaml", steps=1)), "--local"], env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert preset in lines[0] and "cannot be downloaded" in lines[0]
+    assert not (tmp_path / "h" / "genshop.db").exists() or sqlite3.connect(tmp_path / "h" / "genshop.db").execute(
+        "select count(*) from briefs").fetchone()[0] == 0
+
+
+def test_every_shipped_preset_parses():
+    assert {"tiny-random", "mini", "sd15", "sd-turbo", "sdxl-turbo"} <= set(preset_names())
+    for name in preset_names():
+        preset = load_preset(name)
+        assert preset.limits.min_size <= preset.defaults.width <= preset.limits.max_size
+
+
+def test_unknown_preset_is_invalid_input(env, tmp_path):
+    proc = run_cli(["submit", str(write_brief(tmp_path / "b.yaml")), "--local"], {**env, "GENSHOP_PRESET": "nope"})
+    assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr

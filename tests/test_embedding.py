@@ -1,0 +1,125 @@
+"""The one embedding interface: both backends load from local files and return unit vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, EmbeddingConfig, load_embedder
+
+TINY_OPEN_CLIP = {
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest",
+                       "fill_color": 255},
+}
+
+
+def images(n: int = 3) -> list[Image.Image]:
+    return [Image.new("RGB", (60, 80), color) for color in [(200, 30, 30), (30, 200, 30), (30, 30, 200)][:n]]
+
+
+def assert_unit_rows(embeddings: np.ndarray, n: int, dim: int) -> None:
+    assert embeddings.shape == (n, dim)
+    assert embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture
+def open_clip_dir(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / OPEN_CLIP_WEIGHTS))
+    (tmp_path / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
+    return tmp_path, model.eval()
+
+
+def test_open_clip_backend_loads_a_custom_config_folder(open_clip_dir):
+    folder, source = open_clip_dir
+    config = EmbeddingConfig.for_directory(folder, batch_size=2)
+    assert config.backend == "open_clip"
+    embedder = load_embedder(config)
+    image_embeddings = embedder.embed_images(images(3))
+    text_embeddings = embedder.embed_texts(["red tshirt", "green shoes", "blue bag"])
+    assert_unit_rows(image_embeddings, 3, 16)
+    assert_unit_rows(text_embeddings, 3, 16)
+    assert embedder.logit_scale == pytest.approx(float(source.logit_scale.exp()), rel=1e-5)
+    # the weights really came from the checkpoint: same text embeddings as the source model
+    import open_clip
+
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(["red tshirt"])
+    expected = torch.nn.functional.normalize(source.encode_text(tokens), dim=-1).detach().numpy()
+    np.testing.assert_allclose(text_embeddings[:1], expected, atol=1e-5)
+
+
+def test_open_clip_backend_loads_a_builtin_architecture_from_a_local_checkpoint(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    source = open_clip.create_model("ViT-S-32-alt").eval()  # a built-in architecture, random weights
+    checkpoint = tmp_path / "vit-s-32-alt.safetensors"
+    save_file({k: v.half().contiguous() for k, v in source.state_dict().items()}, str(checkpoint))
+    embedder = load_embedder(EmbeddingConfig(backend="open_clip", model="ViT-S-32-alt", pretrained=str(checkpoint)))
+    text_embeddings = embedder.embed_texts(["a photo of a red dress"])
+    image_embeddings = embedder.embed_images(images(1))
+    dim = source.text_projection.shape[1]
+    assert_unit_rows(text_embeddings, 1, dim)
+    assert_unit_rows(image_embeddings, 1, dim)
+    tokens = open_clip.get_tokenizer("ViT-S-32-alt")(["a photo of a red dress"])
+    expected = torch.nn.functional.normalize(source.encode_text(tokens), dim=-1).detach().numpy()
+    np.testing.assert_allclose(text_embeddings, expected, atol=2e-2)  # checkpoint stored in fp16
+
+
+def test_open_clip_backend_refuses_a_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_embedder(EmbeddingConfig(backend="open_clip", model="ViT-S-32-alt", pretrained=str(tmp_path / "nope.pt")))
+
+
+def tiny_transformers_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 24, "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=12,
+    )
+    torch.manual_seed(0)
+    return CLIPModel(config).eval()
+
+
+@pytest.mark.parametrize("with_preprocessing_files", [False, True])
+def test_transformers_backend_loads_a_local_clip_model(tmp_path, with_preprocessing_files):
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    from genshop.tokenizer import write_clip_tokenizer
+
+    model = tiny_transformers_clip()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    if with_preprocessing_files:
+        CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tok", 24)).save_pretrained(tmp_path)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    config = EmbeddingConfig.for_directory(tmp_path, batch_size=2)
+    assert config.backend == "transformers"
+    embedder = load_embedder(config)
+    assert_unit_rows(embedder.embed_images(images(3)), 3, 12)
+    texts = embedder.embed_texts(["red tshirt", "a much longer listing title with many words " * 5])
+    assert_unit_rows(texts, 2, 12)
+    assert embedder.logit_scale == pytest.approx(float(model.logit_scale.exp()), rel=1e-5)
+    assert not np.allclose(texts[0], texts[1])
+
+
+def test_config_for_a_folder_without_a_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither"):
+        EmbeddingConfig.for_directory(tmp_path)
