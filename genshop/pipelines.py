@@ -122,5 +122,5 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
         diffusers.utils.logging.set_verbosity(previous)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{preset.random_init}",
+    return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{Path(location).name}",
                           revision=weights_revision(location, preset), device=device)

@@ -7,6 +7,7 @@ defaults, and the limits briefs are validated against.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -79,10 +80,19 @@ def load_preset(name: str) -> Preset:
         raise PresetError(f"preset file {path} is invalid: {exc}") from exc
 
 
+def random_init_fingerprint(config_folder: str) -> str:
+    """Hash of a random-init preset's component configs: a changed config builds a new model."""
+    digest = hashlib.sha256()
+    root = get_settings().configs_dir / config_folder
+    for path in sorted(root.rglob("*.json")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def model_location(preset: Preset) -> str:
     """Where ``from_pretrained`` loads the preset's weights from: a folder path or a hub id."""
     if preset.random_init is not None:
-        return str(get_settings().models_dir / preset.random_init)
+        return str(get_settings().models_dir / f"{preset.random_init}-{random_init_fingerprint(preset.random_init)}")
     candidate = Path(preset.model).expanduser()
     if not candidate.is_absolute():
         repo_relative = get_settings().configs_dir.parent / candidate

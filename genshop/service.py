@@ -67,7 +67,7 @@ def run_brief(
     brief = record.brief
     batches = plan_batches(brief.variants, loaded.preset.defaults.batch_size)
     done = store.existing_variants(brief_id)
-    last_write = 0.0
+    last_write = time.monotonic()  # the first progress report comes progress_interval_s in, or at a batch's end
 
     def report(progress: Progress, force: bool = False) -> None:
         nonlocal last_write

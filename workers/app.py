@@ -53,7 +53,7 @@ def create_app() -> Celery:
         result_backend_always_retry=True,
         result_backend_max_retries=30,
         result_expires=7 * 24 * 3600,
-        task_track_started=True,
+        task_track_started=False,  # the task publishes its own RUNNING state with progress
         task_default_queue=settings.queue,
         task_routes={GENERATE_TASK: {"queue": settings.queue}},
         worker_hijack_root_logger=False,
