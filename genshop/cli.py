@@ -171,9 +171,10 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
                                    None if as_json else _brief_progress_callback(bar, record))
     else:
         if created:
-            from workers.app import enqueue_generation
+            from workers.app import check_broker, enqueue_generation
 
             try:
+                check_broker()
                 store.mark_enqueued(record.id, enqueue_generation(record.id))
             except Exception:
                 store.delete_queued_brief(record.id)

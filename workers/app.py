@@ -65,6 +65,12 @@ def create_app() -> Celery:
 app = create_app()
 
 
+def check_broker() -> None:
+    """Fail fast (a few hundred ms, not the result backend's long retries) when the broker is down."""
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=2, interval_start=0, interval_step=0.2, interval_max=0.2)
+
+
 def enqueue_generation(brief_id: str) -> str:
     """Put a stored brief on the generation queue; the task id is derived from the brief."""
     task_id = f"generate-{brief_id}"
