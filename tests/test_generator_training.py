@@ -72,3 +72,18 @@ def test_a_stopped_run_resumes_where_it_checkpointed(setup, tmp_path):
     train_generator(config(setup, tmp_path / "run", unet_steps=4))
     assert [r["step"] for r in read_log(tmp_path / "run" / "log-unet.jsonl")] == [1, 2, 3, 4]
     assert [r["step"] for r in read_log(tmp_path / "run" / "log-vae.jsonl")] == [1, 2, 3, 4]
+
+
+def test_generator_eval_grades_generated_images_with_the_judge(setup, tmp_path):
+    from genshop.evaluation.generator_eval import GeneratorEvalConfig, evaluate_generator
+    from genshop.evaluation.judge import JudgeTrainingConfig, train_judge
+
+    pipeline_dir = train_generator(config(setup, tmp_path / "run"))
+    judge_dir = train_judge(JudgeTrainingConfig(data=[str(setup / "catalog.parquet")], out=str(tmp_path / "judge"),
+                                                epochs=1, batch_size=8, threads=1))
+    report = evaluate_generator(GeneratorEvalConfig(
+        pipeline=str(pipeline_dir), judge=str(judge_dir), data=[str(setup / "catalog.parquet")], samples=6, steps=2,
+        batch_size=3, grid=str(tmp_path / "grid.png")))
+    assert report.samples == 6 and set(report.accuracy) == {"master_category", "article_type", "colour"}
+    assert all(0.0 <= v <= 1.0 for v in report.accuracy.values())
+    assert report.frechet_distance_judge >= 0 and (tmp_path / "grid.png").stat().st_size > 1000
