@@ -243,5 +243,28 @@ def results(brief_id: str, as_json: bool) -> None:
     _print_record(store.get_brief(brief_id), store, as_json, with_items=True)
 
 
+@main.group()
+def train() -> None:
+    """Train the project's own models on a catalog (domain CLIP, generator, judge)."""
+
+
+@main.group("eval")
+def evaluate() -> None:
+    """Evaluate models on a catalog split; prints a table, writes JSON."""
+
+
+def _register_model_commands() -> None:
+    from genshop.cli_generator import eval_generator, train_generator, train_judge
+    from genshop.cli_train import eval_clip, train_clip
+
+    for command in (train_clip, train_generator, train_judge):
+        train.add_command(command)
+    for command, name in ((eval_clip, "clip"), (eval_generator, "generator")):
+        evaluate.add_command(command, name)
+
+
+_register_model_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

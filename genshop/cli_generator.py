@@ -1,0 +1,91 @@
+"""Click commands for the generator and its judge: ``genshop train generator``,
+``genshop train judge`` and ``genshop eval generator``. Thin faces over
+``genshop.training.generator`` and ``genshop.evaluation``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from genshop.cli_train import PARQUET, _progress_bar, stdout
+
+DIRECTORY = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command("generator")
+@click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet (repeatable): the train split")
+@click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="the domain CLIP folder whose text tower conditions the UNet")
+@click.option("--out", type=DIRECTORY, required=True, help="run folder; the pipeline lands in OUT/pipeline")
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), default="configs/generator/train-mini.json",
+              show_default=True, help="training recipe JSON (GeneratorTrainingConfig fields)")
+@click.option("--vae-steps", type=int, default=None)
+@click.option("--unet-steps", type=int, default=None, help="0 trains the VAE stage only")
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def train_generator(data, clip, out, recipe, vae_steps, unet_steps, threads) -> None:
+    """Train the small latent text-to-image model (VAE, then UNet) in the Stable Diffusion layout; resumes."""
+    from genshop.training.generator import GeneratorTrainingConfig
+    from genshop.training.generator import train_generator as run
+
+    config = GeneratorTrainingConfig.from_recipe(recipe, data=[str(p) for p in data], clip=str(clip), out=str(out),
+                                                 vae_steps=vae_steps, unet_steps=unet_steps, threads=threads)
+    with _progress_bar() as bar:
+        tasks = {}
+
+        def progress(stage: str, step: int, total: int, metrics: dict) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"train {stage}", total=total, completed=step - 1, detail="")
+            bar.update(tasks[stage], completed=step, detail=f"loss {metrics['loss']:.4f}")
+
+        result = run(config, progress)
+    stdout.print(f"saved: {result}")
+
+
+@click.command("judge")
+@click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet (repeatable): the train split")
+@click.option("--out", type=DIRECTORY, required=True)
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=None)
+def train_judge(data, out, epochs, threads) -> None:
+    """Train the evaluation-only judge (master category, article type, colour) on real photos."""
+    from genshop.evaluation.judge import JudgeTrainingConfig
+    from genshop.evaluation.judge import train_judge as run
+
+    with _progress_bar() as bar:
+        task = bar.add_task("train judge", total=None, detail="")
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            bar.update(task, total=total, completed=step, detail=f"loss {metrics['loss']:.3f}")
+
+        result = run(JudgeTrainingConfig(data=[str(p) for p in data], out=str(out), epochs=epochs, threads=threads), progress)
+    stdout.print(f"saved: {result}")
+
+
+@click.command("generator")
+@click.option("--pipeline", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--judge", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet: the val split")
+@click.option("--samples", type=int, default=400, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write the report here")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="PNG of generated beside real")
+def eval_generator(pipeline, judge, data, samples, steps, guidance_scale, json_out, grid) -> None:
+    """Judge images generated from val titles: category, article type and colour match; Fréchet distance."""
+    from genshop.evaluation.generator_eval import GeneratorEvalConfig, evaluate_generator, write_report
+
+    config = GeneratorEvalConfig(pipeline=pipeline, judge=judge, data=[str(p) for p in data], samples=samples,
+                                 steps=steps, guidance_scale=guidance_scale, grid=grid)
+    with _progress_bar() as bar:
+        task = bar.add_task("generate", total=samples, detail="")
+        report = evaluate_generator(config, lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table("measure", "generated", "judge on real photos", title=f"generator on {report.samples} val titles")
+    for column, value in report.accuracy.items():
+        table.add_row(f"{column} accuracy", f"{value:.3f}", f"{report.judge_accuracy_on_real[column]:.3f}")
+    table.add_row("Fréchet distance (judge features)", f"{report.frechet_distance_judge:.3f}",
+                  f"{report.frechet_distance_real_halves:.3f} (real vs real)")
+    stdout.print(table)
+    if json_out:
+        stdout.print(f"report: {write_report(report, json_out)}")
