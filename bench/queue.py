@@ -14,19 +14,17 @@
 
 from __future__ import annotations
 
+import _path  # noqa: F401, I001 - first: keeps this file from shadowing the stdlib's queue
+
+import argparse
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
-
-# this file is named like the stdlib's `queue`, which torch imports: keep bench/ off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
