@@ -82,6 +82,21 @@ class ItemRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ScoreRow(Base):
+    """A reward model's score of one item for one customer group."""
+
+    __tablename__ = "scores"
+    __table_args__ = (UniqueConstraint("item_id", "group_id", "reward_model", name="uq_score_item_group_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[str] = mapped_column(String(64))
+    reward_model: Mapped[str] = mapped_column(String(128))
+    score: Mapped[float] = mapped_column(Float)
+    population_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class BriefRecord(BaseModel):
     id: str
     client_reference: str | None
@@ -124,6 +139,18 @@ class NewItem(BaseModel):
 
 class ItemRecord(NewItem):
     id: str
+    created_at: datetime
+
+
+class NewScore(BaseModel):
+    item_id: str
+    group_id: str
+    reward_model: str
+    score: float
+    population_fallback: bool = False
+
+
+class ScoreRecord(NewScore):
     created_at: datetime
 
 
@@ -325,10 +352,7 @@ class Store:
         if not items:
             return 0
         rows = [{**item.model_dump(), "id": item_id(item.brief_id, item.variant), "created_at": utcnow()} for item in items]
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        insert = self._insert()
         statement = (insert(ItemRow).values(rows)
                      .on_conflict_do_nothing(index_elements=["brief_id", "variant"]).returning(ItemRow.id))
         with self.sessions.begin() as session:
@@ -338,6 +362,32 @@ class Store:
         with self.sessions() as session:
             rows = session.scalars(select(ItemRow).where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant))
             return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    # -- scores -----------------------------------------------------------------------
+    def add_scores(self, scores: list[NewScore]) -> int:
+        """Insert scores, skipping (item, group, model) triples already scored."""
+        if not scores:
+            return 0
+        insert = self._insert()
+        rows = [{**score.model_dump(), "created_at": utcnow()} for score in scores]
+        statement = (insert(ScoreRow).values(rows).on_conflict_do_nothing(
+            index_elements=["item_id", "group_id", "reward_model"]).returning(ScoreRow.id))
+        with self.sessions.begin() as session:
+            return len(session.execute(statement).all())
+
+    def list_scores(self, brief_id: str) -> list[ScoreRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(ScoreRow).join(ItemRow, ItemRow.id == ScoreRow.item_id)
+                                   .where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant, ScoreRow.group_id))
+            return [ScoreRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def _insert(self):
+        """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite and PostgreSQL)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert
 
     def count_items(self) -> int:
         with self.sessions() as session:

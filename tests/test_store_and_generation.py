@@ -162,3 +162,16 @@ def test_stale_unfinished_briefs_are_requeued_once_per_sweep(store):
 
     assert requeue_stale(store, enqueue, older_than_s=0.2) == [lost.id] and sent == [lost.id]
     assert requeue_stale(store, enqueue, older_than_s=0.2) == []  # just re-stamped: not stale again yet
+
+
+def test_scores_are_stored_once_per_item_group_and_model(store, loaded):
+    from genshop.store import NewScore
+
+    record, _ = submit_brief(store, parse_brief({"title": "A", "variants": 2, "groups": ["A", "B"]}), "tiny-random")
+    run_brief(store, record.id, loaded, max_attempts=2)
+    items = store.list_items(record.id)
+    scores = [NewScore(item_id=i.id, group_id=g, reward_model="rm@1", score=float(i.variant) + (g == "B"))
+              for i in items for g in ("A", "B")]
+    assert store.add_scores(scores) == 4 and store.add_scores(scores[:1]) == 0
+    stored = store.list_scores(record.id)
+    assert [(s.group_id, s.score) for s in stored] == [("A", 0.0), ("B", 1.0), ("A", 1.0), ("B", 2.0)]
