@@ -46,7 +46,7 @@ def train_generator(data, clip, out, recipe, vae_steps, unet_steps, threads) -> 
 @click.command("judge")
 @click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet (repeatable): the train split")
 @click.option("--out", type=DIRECTORY, required=True)
-@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--threads", type=int, default=None)
 def train_judge(data, out, epochs, threads) -> None:
     """Train the evaluation-only judge (master category, article type, colour) on real photos."""

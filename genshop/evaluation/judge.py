@@ -1,6 +1,6 @@
 """The judge: a small image classifier trained on real catalog photos, used only to evaluate.
 
-It predicts master category, article type and colour from a 72x96 photo, and its
+It predicts master category, article type and colour from a 48x64 photo, and its
 penultimate features give the space in which generated and real images are compared
 (Fréchet distance). The product never calls it: it grades the generator from outside,
 so the generator cannot be tuned towards it by accident.
@@ -35,8 +35,8 @@ ProgressCallback = Callable[[int, int, dict], None]  # (step, total, metrics)
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    width: int = 72
-    height: int = 96
+    width: int = 48
+    height: int = 64
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 192])
     labels: dict[str, list[str]] = Field(description="label vocabulary per judged column")
 
@@ -130,7 +130,9 @@ class JudgeTrainingConfig(BaseModel):
 
     data: list[str]
     out: str
-    epochs: int = 8
+    width: int = 48
+    height: int = 64
+    epochs: int = 6
     batch_size: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 5e-4
@@ -151,7 +153,8 @@ def train_judge(config: JudgeTrainingConfig, progress: ProgressCallback | None =
     frame = read_catalog(config.data)
     if config.max_items:
         frame = frame.iloc[: config.max_items].reset_index(drop=True)
-    judge_config = JudgeConfig(labels={c: sorted(frame[c].unique().tolist()) for c in JUDGED})
+    judge_config = JudgeConfig(width=config.width, height=config.height,
+                               labels={c: sorted(frame[c].unique().tolist()) for c in JUDGED})
     pixels = catalog_pixels(frame, judge_config.width, judge_config.height, out / f"pixels-{len(frame)}.safetensors")
     targets = {c: torch.tensor([judge_config.labels[c].index(v) for v in frame[c]]) for c in JUDGED}
     torch.manual_seed(config.seed)
