@@ -83,7 +83,7 @@ def test_generator_eval_grades_generated_images_with_the_judge(setup, tmp_path):
                                                 epochs=1, batch_size=8, threads=1))
     report = evaluate_generator(GeneratorEvalConfig(
         pipeline=str(pipeline_dir), judge=str(judge_dir), data=[str(setup / "catalog.parquet")], samples=6, steps=2,
-        batch_size=3, grid=str(tmp_path / "grid.png")))
+        width=24, height=32, batch_size=3, grid=str(tmp_path / "grid.png")))
     assert report.samples == 6 and set(report.accuracy) == {"master_category", "article_type", "colour"}
     assert all(0.0 <= v <= 1.0 for v in report.accuracy.values())
     assert report.frechet_distance_judge >= 0 and (tmp_path / "grid.png").stat().st_size > 1000

@@ -25,6 +25,8 @@ class GeneratorEvalConfig(BaseModel):
     judge: str
     data: list[str] = Field(description="catalog parquet files (val split)")
     samples: int = Field(default=400, ge=1, description="val listings generated from, drawn with a fixed seed")
+    width: int = Field(default=72, description="generation size (the generator's training size)")
+    height: int = 96
     steps: int = 25
     guidance_scale: float = 4.0
     batch_size: int = 16
@@ -52,20 +54,20 @@ def evaluate_generator(config: GeneratorEvalConfig, progress: ProgressCallback |
     pipeline = StableDiffusionPipeline.from_pretrained(config.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     judge = JudgeModel.from_pretrained(config.judge)
-    width, height = judge.config.width, judge.config.height
 
     generated = []
     for start in range(0, len(rows), config.batch_size):
         titles = rows["title"].iloc[start:start + config.batch_size].tolist()
         generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(titles))]
         generated += pipeline(titles, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                              width=width, height=height, generator=generators).images
+                              width=config.width, height=config.height, generator=generators).images
         if progress:
             progress(min(start + config.batch_size, len(rows)), len(rows))
 
-    predicted, generated_features = judge_images(judge, to_pixels(generated, width, height))
+    size = judge.config.width, judge.config.height
+    predicted, generated_features = judge_images(judge, to_pixels(generated, *size))
     real_images = [decode_image(b) for b in frame["image"]]
-    real_predicted, real_features = judge_images(judge, to_pixels(real_images, width, height))
+    real_predicted, real_features = judge_images(judge, to_pixels(real_images, *size))
     half = len(real_features) // 2
     report = GeneratorEvalReport(
         samples=len(rows),
