@@ -87,3 +87,10 @@ def test_generator_eval_grades_generated_images_with_the_judge(setup, tmp_path):
     assert report.samples == 6 and set(report.accuracy) == {"master_category", "article_type", "colour"}
     assert all(0.0 <= v <= 1.0 for v in report.accuracy.values())
     assert report.frechet_distance_judge >= 0 and (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_a_trained_vae_can_be_reused_instead_of_retrained(setup, tmp_path):
+    train_generator(config(setup, tmp_path / "first", unet_steps=0))
+    reused = train_generator(config(setup, tmp_path / "second", vae=str(tmp_path / "first" / "vae"), unet_steps=2))
+    assert not (tmp_path / "second" / "log-vae.jsonl").exists()
+    assert (reused / "vae" / "diffusion_pytorch_model.safetensors").is_file()

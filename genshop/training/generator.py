@@ -2,7 +2,8 @@
 
 ``train_generator(config, progress)`` runs two resumable stages into ``config.out``:
 
-1. **VAE**: an ``AutoencoderKL`` (``configs/generator/vae.json``) learns to compress the
+1. **VAE** (skipped when ``vae`` names a trained one): an ``AutoencoderKL``
+   (``configs/generator/vae.json``) learns to compress the
    catalog photos (resized to ``width`` x ``height``, 3:4 like the originals) with an L1
    reconstruction loss and a small KL term. Every training image is then encoded once and
    its latent mean and std cached; the latents' spread sets the VAE ``scaling_factor``.
@@ -63,6 +64,7 @@ class GeneratorTrainingConfig(BaseModel):
     out: str
     width: int = Field(default=72, ge=16)
     height: int = Field(default=96, ge=16)
+    vae: str | None = Field(default=None, description="a trained AutoencoderKL folder to reuse: skips the VAE stage")
     vae_config: str = "configs/generator/vae.json"
     unet_config: str = "configs/generator/unet.json"
     scheduler_config: str = "configs/generator/scheduler.json"
@@ -337,9 +339,16 @@ def train_generator(config: GeneratorTrainingConfig, progress: ProgressCallback 
     if config.max_items:
         frame = frame.iloc[: config.max_items].reset_index(drop=True)
     pixels = catalog_pixels(frame, config.width, config.height, out / f"pixels-{len(frame)}.safetensors")
-    vae = train_vae(config, pixels, out, progress)
+    if config.vae:
+        from diffusers import AutoencoderKL
 
-    latents_file = out / f"latents-{len(frame)}-vae{config.vae_steps}.safetensors"
+        vae = AutoencoderKL.from_pretrained(config.vae).eval()
+    else:
+        vae = train_vae(config, pixels, out, progress)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+
+    vae_id = hashlib.sha256(str(config.vae or config.vae_steps).encode()).hexdigest()[:8]
+    latents_file = out / f"latents-{len(frame)}-{vae_id}.safetensors"
     if latents_file.is_file():
         cached = load_file(str(latents_file))
         mean, std = cached["mean"], cached["std"]
