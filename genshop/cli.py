@@ -75,8 +75,11 @@ def _brief_json(record: BriefRecord, store: Store, with_items: bool) -> dict:
     items = store.list_items(record.id)
     data["items_count"] = len(items)
     if with_items:
-        data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path))}
-                         for item in items]
+        scores: dict[str, list] = {}
+        for score in store.list_scores(record.id):
+            scores.setdefault(score.item_id, []).append(score.model_dump(mode="json", exclude={"item_id", "created_at"}))
+        data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path)),
+                          "scores": scores.get(item.id, [])} for item in items]
     return data
 
 
@@ -133,13 +136,17 @@ def demo(out_dir: Path, preset: str | None) -> None:
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True)
 @click.option("-n", "--hostname", default="genshop@%h", show_default=True, help="node name; unique per worker")
-def worker(concurrency: int, loglevel: str, pool: str, hostname: str) -> None:
-    """Start a Celery worker on the generation queue (pipeline loaded once per process)."""
+@click.option("-Q", "--queues", default=None, help="comma-separated queues (default: generate and score)")
+def worker(concurrency: int, loglevel: str, pool: str, hostname: str, queues: str | None) -> None:
+    """Start a Celery worker (models loaded once per process, only those its queues need)."""
+    settings = get_settings()
+    queues = queues or f"{settings.queue},{settings.score_queue}"
+    os.environ["GENSHOP_WORKER_QUEUES"] = queues
     os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
     from workers.app import app
 
     app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--pool={pool}",
-                     f"--queues={get_settings().queue}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"])
+                     f"--queues={queues}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"])
 
 
 @main.command()

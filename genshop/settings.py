@@ -27,6 +27,8 @@ class Settings(BaseModel):
     preset: str = Field(description="GENSHOP_PRESET: the generation preset workers load")
     configs_dir: Path = Field(description="GENSHOP_CONFIGS: folder of YAML presets and model configs")
     queue: str = Field(description="GENSHOP_QUEUE: the Celery queue for generation tasks")
+    score_queue: str = Field(description="GENSHOP_SCORE_QUEUE: the Celery queue for reward scoring tasks")
+    reward_model: Path | None = Field(description="GENSHOP_REWARD_MODEL: reward model folder; empty: no scoring")
     device: str = Field(description="GENSHOP_DEVICE: torch device, 'auto' picks cuda when available")
     soft_time_limit: int = Field(description="GENSHOP_SOFT_TIME_LIMIT: seconds before a task is asked to stop")
     hard_time_limit: int = Field(description="GENSHOP_HARD_TIME_LIMIT: seconds before a task's process is killed")
@@ -56,6 +58,8 @@ def get_settings() -> Settings:
         preset=_env("GENSHOP_PRESET", "mini"),
         configs_dir=Path(_env("GENSHOP_CONFIGS", str(REPO_ROOT / "configs"))).resolve(),
         queue=_env("GENSHOP_QUEUE", "generate"),
+        score_queue=_env("GENSHOP_SCORE_QUEUE", "score"),
+        reward_model=Path(os.environ["GENSHOP_REWARD_MODEL"]).resolve() if os.environ.get("GENSHOP_REWARD_MODEL") else None,
         device=_env("GENSHOP_DEVICE", "auto"),
         soft_time_limit=int(_env("GENSHOP_SOFT_TIME_LIMIT", str(max(1, hard - min(60, hard // 10))))),
         hard_time_limit=hard,

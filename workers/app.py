@@ -21,6 +21,7 @@ from celery import Celery
 from genshop.settings import get_settings
 
 GENERATE_TASK = "genshop.generate_brief"
+SCORE_TASK = "genshop.score_brief"
 
 
 def create_app() -> Celery:
@@ -55,7 +56,7 @@ def create_app() -> Celery:
         result_expires=7 * 24 * 3600,
         task_track_started=False,  # the task publishes its own RUNNING state with progress
         task_default_queue=settings.queue,
-        task_routes={GENERATE_TASK: {"queue": settings.queue}},
+        task_routes={GENERATE_TASK: {"queue": settings.queue}, SCORE_TASK: {"queue": settings.score_queue}},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
@@ -75,4 +76,11 @@ def enqueue_generation(brief_id: str) -> str:
     """Put a stored brief on the generation queue; the task id is derived from the brief."""
     task_id = f"generate-{brief_id}"
     app.send_task(GENERATE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().queue)
+    return task_id
+
+
+def enqueue_scoring(brief_id: str) -> str:
+    """Put a generated brief on the scoring queue (CPU workers may serve it apart from the GPU ones)."""
+    task_id = f"score-{brief_id}"
+    app.send_task(SCORE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().score_queue)
     return task_id

@@ -1,8 +1,10 @@
 """Celery tasks: load from the store, call the part, write to the store. Nothing else.
 
-The diffusion pipeline is loaded once per worker process, in ``worker_process_init``
-(after the prefork pool forked, never in the parent), and kept for every task that
-process runs. The parent runs the requeue sweep (``genshop.service.requeue_stale``).
+The diffusion pipeline (for the generate queue) and the reward model (for the score
+queue) are loaded once per worker process, in ``worker_process_init`` (after the prefork
+pool forked, never in the parent), and kept for every task that process runs. A brief
+with target groups is queued for scoring once generated. The parent runs the requeue
+sweep (``genshop.service.requeue_stale``).
 """
 
 from __future__ import annotations
@@ -20,24 +22,40 @@ from genshop.pipelines import LoadedPipeline, load_pipeline
 from genshop.service import Progress, requeue_stale, run_brief
 from genshop.settings import get_settings
 from genshop.store import Store, open_store
-from workers.app import GENERATE_TASK, app, enqueue_generation
+from workers.app import GENERATE_TASK, SCORE_TASK, app, enqueue_generation, enqueue_scoring
 
 logger = get_logger("genshop.workers")
 
 _pipeline: LoadedPipeline | None = None
+_scorer = None
 _store: Store | None = None
 pipeline_loads = 0
+
+
+def _set_threads() -> None:
+    threads = int(os.environ.get("GENSHOP_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def worker_pipeline() -> LoadedPipeline:
     global _pipeline, pipeline_loads
     if _pipeline is None:
-        threads = int(os.environ.get("GENSHOP_TORCH_THREADS", "0"))
-        if threads > 0:
-            torch.set_num_threads(threads)
+        _set_threads()
         _pipeline = load_pipeline(get_settings().preset)
         pipeline_loads += 1
     return _pipeline
+
+
+def worker_scorer():
+    """The reward model and its embedder, loaded once per process (``reward`` imported only here)."""
+    global _scorer
+    if _scorer is None:
+        from reward.brief_scoring import load_brief_scorer
+
+        _set_threads()
+        _scorer = load_brief_scorer(get_settings().reward_model)
+    return _scorer
 
 
 def worker_store() -> Store:
@@ -47,10 +65,22 @@ def worker_store() -> Store:
     return _store
 
 
+def consumed_queues() -> set[str]:
+    """The queues this worker serves (``genshop worker --queues``); every queue when not told."""
+    settings = get_settings()
+    named = os.environ.get("GENSHOP_WORKER_QUEUES", "")
+    return set(named.split(",")) if named else {settings.queue, settings.score_queue}
+
+
 @signals.worker_process_init.connect
 def _load_models_in_child(**_kwargs) -> None:
+    """Load what this worker's queues need: a scoring-only worker never loads the diffusion pipeline."""
+    settings = get_settings()
     worker_store()
-    worker_pipeline()
+    if settings.queue in consumed_queues():
+        worker_pipeline()
+    if settings.score_queue in consumed_queues() and settings.reward_model:
+        worker_scorer()
 
 
 @signals.worker_ready.connect
@@ -81,11 +111,22 @@ def generate_brief(self, brief_id: str) -> dict:
         except Exception:  # noqa: BLE001
             pass
 
-    record = run_brief(worker_store(), brief_id, worker_pipeline(), get_settings().max_attempts, on_progress)
+    settings = get_settings()
+    record = run_brief(worker_store(), brief_id, worker_pipeline(), settings.max_attempts, on_progress)
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
+    if record.status == "succeeded" and record.brief.groups and settings.reward_model:
+        result["score_task_id"] = enqueue_scoring(brief_id)
     if record.status == "cancelled":
         self.backend.mark_as_revoked(self.request.id, reason="cancelled by request", request=self.request)
         raise Ignore()
     if record.status == "failed":
         raise RuntimeError(record.error)
     return result
+
+
+@app.task(name=SCORE_TASK)
+def score_brief(brief_id: str) -> dict:
+    from reward.brief_scoring import score_brief as score_stored_brief
+
+    scores = score_stored_brief(worker_store(), brief_id, worker_scorer())
+    return {"brief_id": brief_id, "scores": len(scores), "worker_pid": os.getpid()}
