@@ -159,11 +159,11 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
     from genshop.briefs import load_brief_file
 
     brief = load_brief_file(file)  # before the heavy imports: bad input fails fast
-    from genshop.pipelines import load_pipeline
-    from genshop.service import run_brief, submit_brief
+    from genshop.local_worker import load_local_models, run_locally
+    from genshop.service import submit_brief
 
     settings = get_settings()
-    loaded = load_pipeline(settings.preset) if local else None  # a model that cannot load stores nothing
+    models = load_local_models(settings.preset) if local else None  # a model that cannot load stores nothing
     store = _store()
     try:
         record, created = submit_brief(store, brief, settings.preset)
@@ -174,8 +174,7 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
             with _progress_bar() as bar:
                 if as_json:
                     bar.stop()
-                record = run_brief(store, record.id, loaded, settings.max_attempts,
-                                   None if as_json else _brief_progress_callback(bar, record))
+                record = run_locally(store, record.id, models, None if as_json else _brief_progress_callback(bar, record))
     else:
         if created:
             from workers.app import check_broker, enqueue_generation

@@ -1,7 +1,8 @@
 """``genshop demo``: the product tour on the embedded default, no Redis needed.
 
-Runs the demo briefs through the same ``run_brief`` code the Celery workers run (an
-in-process worker), prints what was made and writes a contact sheet PNG.
+Runs the demo briefs through the in-process worker (the steps the Celery tasks run:
+generate, then score for the target groups when a reward model is configured), prints
+what was made and writes a contact sheet PNG with each variant's scores.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from PIL import Image
 
 from genshop.briefs import parse_brief
 from genshop.contact_sheet import save_contact_sheet
-from genshop.pipelines import load_pipeline
-from genshop.service import Progress, brief_with_items, run_brief, submit_brief
+from genshop.local_worker import load_local_models, run_locally
+from genshop.service import Progress, brief_with_items, submit_brief
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store
 
@@ -33,16 +34,19 @@ def run_demo(
     """Generate the demo briefs into ``out_dir`` (its own SQLite store and images)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{out_dir / 'genshop.db'}", out_dir)
-    loaded = load_pipeline(preset)
+    models = load_local_models(preset)
     records = []
     for brief in demo_briefs():
         record, _ = submit_brief(store, brief, preset)
         callback = progress_for(record) if progress_for else None
-        records.append(run_brief(store, record.id, loaded, get_settings().max_attempts, callback))
+        records.append(run_locally(store, record.id, models, callback))
     rows, captions = [], []
     for record in records:
         items = brief_with_items(store, record.id).items
+        scores: dict[str, list[str]] = {}
+        for score in store.list_scores(record.id):
+            scores.setdefault(score.item_id, []).append(f"{score.group_id}:{score.score:+.2f}")
         rows.append((f"{record.title} [{record.status}]", [Image.open(store.images.path(i.image_path)) for i in items]))
-        captions.append([f"v{i.variant} seed {i.seed}" for i in items])
+        captions.append([" ".join(scores.get(i.id, [f"v{i.variant} seed {i.seed}"])) for i in items])
     sheet = save_contact_sheet(rows, out_dir / "contact-sheet.png", captions)
     return records, sheet

@@ -26,3 +26,13 @@ def test_a_generated_brief_is_scored_for_each_target_group(tmp_path, models_dir,
         assert by_group["A"]["population_fallback"] is False and by_group["Z"]["population_fallback"] is True
         assert by_group["A"]["reward_model"].startswith("reward@")
     assert len({item["scores"][0]["score"] for item in results["items"]}) == 3  # different images, different rewards
+
+
+def test_submit_local_scores_in_process_like_the_workers(env, tmp_path, open_clip_dir):  # noqa: F811
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    env = {**env, "GENSHOP_REWARD_MODEL": str(reward_dir)}
+    submitted = cli_json(["submit", str(write_brief(tmp_path / "b.json", variants=2, groups=["A", "B"])), "--local",
+                          "--json"], env)
+    results = cli_json(["results", submitted["brief_id"], "--json"], env)
+    assert [sorted(s["group_id"] for s in item["scores"]) for item in results["items"]] == [["A", "B"], ["A", "B"]]
