@@ -261,7 +261,11 @@ def evaluate() -> None:
 
 def _register_model_commands() -> None:
     from genshop.cli_generator import eval_generator, train_generator, train_judge
+    from genshop.cli_reward import reward, simulate
     from genshop.cli_train import eval_clip, train_clip
+
+    main.add_command(reward)
+    main.add_command(simulate)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)
