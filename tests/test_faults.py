@@ -15,10 +15,11 @@ from tests.conftest import cli_json, free_port, make_env, wait_for, write_brief
 
 
 def test_a_brief_whose_worker_is_killed_completes_once_a_worker_is_back(tmp_path, models_dir, start_worker):
-    env = make_env(tmp_path / "home", models_dir, GENSHOP_HARD_TIME_LIMIT="20", GENSHOP_VISIBILITY_TIMEOUT="25")
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_HARD_TIME_LIMIT="30", GENSHOP_VISIBILITY_TIMEOUT="35")
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     first = start_worker(env)
-    submitted = cli_json(["submit", str(write_brief(tmp_path / "b.json", variants=24, steps=40, seed=9)), "--json"], env)
+    brief = write_brief(tmp_path / "b.json", variants=24, steps=40, width=128, height=128, seed=9)
+    submitted = cli_json(["submit", str(brief), "--json"], env)
     brief_id = submitted["brief_id"]
     wait_for(lambda: 8 <= len(store.list_items(brief_id)) < 24, 60, 0.02, what="the first batch to be stored")
     first.kill()  # SIGKILL to the whole worker: no chance to ack, reject or clean up

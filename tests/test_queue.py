@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from genshop.store import Store
 from tests.conftest import WorkerProcess, cli_json, make_env, run_cli, wait_for, write_brief
 
-LONG = {"variants": 32, "steps": 80}  # a few seconds of denoising on the tiny model
+LONG = {"variants": 16, "steps": 100, "width": 128, "height": 128}  # seconds of denoising, even on a fast machine
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,12 @@ def test_progress_is_visible_in_task_meta_and_status(queue_env, tmp_path, celery
     submitted = submit(queue_env, write_brief(tmp_path / "b.json", **LONG))
     task = AsyncResult(submitted["task_id"], app=celery_app)
     meta = wait_for(lambda: task.state == "RUNNING" and task.info.get("step") and task.info, 60, what="RUNNING meta")
-    assert meta["brief_id"] == submitted["brief_id"] and meta["variants_total"] == 32 and meta["steps"] == 80
+    assert meta["brief_id"] == submitted["brief_id"] and meta["variants_total"] == 16 and meta["steps"] == 100
     running = wait_for(lambda: (s := status_of(queue_env, submitted["brief_id"]))["status"] == "running"
                        and s["progress"] and s, 30, what="running status")
-    assert 0 < running["progress"]["step"] <= 80
+    assert 0 < running["progress"]["step"] <= 100
     assert task.get(timeout=120)["status"] == "succeeded"
-    assert status_of(queue_env, submitted["brief_id"])["progress"]["variants_done"] == 32
+    assert status_of(queue_env, submitted["brief_id"])["progress"]["variants_done"] == 16
 
 
 def test_cancelling_a_running_brief_stops_it_at_the_next_step(queue_env, tmp_path, store, celery_app):
@@ -73,7 +73,7 @@ def test_cancelling_a_running_brief_stops_it_at_the_next_step(queue_env, tmp_pat
     assert proc.returncode == 0, proc.stderr
     record = wait_for(lambda: (r := store.get_brief(submitted["brief_id"])).is_terminal and r, 30, what="cancelled")
     assert record.status == "cancelled"
-    assert len(store.list_items(record.id)) < 32
+    assert len(store.list_items(record.id)) < 16
     wait_for(lambda: AsyncResult(submitted["task_id"], app=celery_app).state == "REVOKED", 10, what="REVOKED state")
 
 
