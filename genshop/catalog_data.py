@@ -59,18 +59,25 @@ def listing_text(row: dict) -> str:
     return f"{row['title']}. " + ", ".join(attribute_phrases(row))
 
 
+CAPTION_PREFIXES = ("", "a photo of ", "a product photo of ", "an image of ")
+
+
 def attribute_caption(row: dict, rng: random.Random) -> str:
-    """A caption made of taxonomy only, in the words a shopper or a zero-shot prompt would use."""
+    """A caption made of taxonomy only, in the words a shopper or a zero-shot prompt would use.
+
+    Half name a single attribute ("a photo of footwear", "navy blue colour"), the rest
+    combine a few ("a photo of black casual shoes for men"), so every label's words are
+    trained both alone and in context.
+    """
     colour, article = row["colour"], row["article_type"]
     gender = "" if row["gender"] in UNKNOWN else f" for {row['gender']}"
-    choices = [
-        f"a photo of {colour} {article}{gender}",
-        f"{article}, {row['sub_category']}, {row['master_category']}",
-        f"a product photo of {article}",
-        f"a {colour} product, {row['master_category']}",
-        f"{colour} {article}",
-    ]
-    return rng.choice(choices)
+    prefix = rng.choice(CAPTION_PREFIXES)
+    single = [f"{prefix}{article}", f"{prefix}{row['master_category']}", f"{prefix}{row['sub_category']}",
+              f"{colour} colour", f"{prefix}a {colour} product", f"{prefix}{colour}"]
+    combined = [f"{prefix}{colour} {article}{gender}", f"{prefix}{colour} {article}",
+                f"{article}, {row['sub_category']}, {row['master_category']}", f"{prefix}{article}{gender}",
+                f"{prefix}{colour} {row['sub_category']}", f"{prefix}{row['usage']} {article}"]
+    return rng.choice(single if rng.random() < 0.5 else combined)
 
 
 def sample_caption(row: dict, rng: random.Random, title_only: float = 0.3, attributes_only: float = 0.2) -> str:

@@ -49,8 +49,6 @@ def train_clip(data, out_dir, recipe, val_data, architecture, epochs, max_steps,
     from genshop.training.clip import train_clip as run_training
 
     fields = json.loads(recipe.read_text(encoding="utf-8")) if recipe else {}
-    if "architecture" not in fields and "model_config" in fields:
-        fields["architecture"] = fields.pop("model_config")
     overrides = {"architecture": architecture, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
                  "learning_rate": learning_rate, "mixed_precision": mixed_precision, "threads": threads, "seed": seed}
     fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -85,9 +83,15 @@ def train_clip(data, out_dir, recipe, val_data, architecture, epochs, max_steps,
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--max-rows", type=int, default=None, help="evaluate on the first rows only")
 @click.option("--device", default="auto", show_default=True)
-def eval_clip(model, backend, pretrained, data, json_out, batch_size, max_rows, device) -> None:
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def eval_clip(model, backend, pretrained, data, json_out, batch_size, max_rows, device, threads) -> None:
     """Zero-shot categorization and title→image retrieval on a catalog split; prints a table, writes JSON."""
+    import torch
+
     from genshop.embedding import EmbeddingConfig
+
+    if threads:
+        torch.set_num_threads(threads)
     from genshop.evaluation.clip_eval import ClipEvalConfig, evaluate_clip
 
     options = {"batch_size": batch_size, "device": device}

