@@ -21,6 +21,32 @@ import pytest
 import redis
 
 REPO = Path(__file__).resolve().parents[1]
+
+TINY_OPEN_CLIP = {
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest",
+                       "fill_color": 255},
+}
+
+
+def write_tiny_open_clip(folder: Path):
+    """A tiny random open_clip model saved as a folder the embedding interface loads; returns the model."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / OPEN_CLIP_WEIGHTS))
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
+    return model.eval()
 TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
@@ -144,3 +170,11 @@ def redis_client() -> redis.Redis:
     client = redis.Redis.from_url(TEST_REDIS_URL)
     client.ping()
     return client
+
+
+@pytest.fixture(scope="session")
+def open_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random open_clip model folder, shared by the tests that need an embedder."""
+    folder = tmp_path_factory.mktemp("tiny-open-clip")
+    write_tiny_open_clip(folder)
+    return folder

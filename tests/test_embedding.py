@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -10,18 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, EmbeddingConfig, load_embedder
-
-TINY_OPEN_CLIP = {
-    "model_cfg": {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    },
-    "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest",
-                       "fill_color": 255},
-}
-
+from genshop.embedding import EmbeddingConfig, load_embedder
+from tests.conftest import write_tiny_open_clip
 
 def images(n: int = 3) -> list[Image.Image]:
     return [Image.new("RGB", (60, 80), color) for color in [(200, 30, 30), (30, 200, 30), (30, 30, 200)][:n]]
@@ -34,18 +23,12 @@ def assert_unit_rows(embeddings: np.ndarray, n: int, dim: int) -> None:
 
 
 @pytest.fixture
-def open_clip_dir(tmp_path):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / OPEN_CLIP_WEIGHTS))
-    (tmp_path / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
-    return tmp_path, model.eval()
+def open_clip_model_dir(tmp_path):
+    return tmp_path, write_tiny_open_clip(tmp_path)
 
 
-def test_open_clip_backend_loads_a_custom_config_folder(open_clip_dir):
-    folder, source = open_clip_dir
+def test_open_clip_backend_loads_a_custom_config_folder(open_clip_model_dir):
+    folder, source = open_clip_model_dir
     config = EmbeddingConfig.for_directory(folder, batch_size=2)
     assert config.backend == "open_clip"
     embedder = load_embedder(config)

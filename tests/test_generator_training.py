@@ -7,14 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from genshop.training.generator import GeneratorTrainingConfig, train_generator
 from genshop.training.run_log import read_log
+from tests.conftest import write_tiny_open_clip
 from tests.test_clip_training import write_catalog
-from tests.test_embedding import TINY_OPEN_CLIP
 
 TINY_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
             "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
@@ -27,16 +24,9 @@ TINY_UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channe
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import open_clip
-
     folder = tmp_path_factory.mktemp("generator")
     write_catalog(folder / "catalog.parquet", rows_per_pair=2)
-    clip = folder / "clip"
-    clip.mkdir()
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip / OPEN_CLIP_WEIGHTS))
-    (clip / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
+    write_tiny_open_clip(folder / "clip")
     (folder / "vae.json").write_text(json.dumps(TINY_VAE))
     (folder / "unet.json").write_text(json.dumps(TINY_UNET))
     return folder

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, EmbeddingConfig, load_embedder
+from genshop.embedding import EmbeddingConfig, load_embedder
 from reward.groups import Group
 from reward.model import RewardModel, RewardModelConfig
 from reward.scoring import UnknownGroupWarning, load_scorer, score_embeddings, score_images
 
-TINY_OPEN_CLIP = {
-    "model_cfg": {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    },
-    "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest",
-                       "fill_color": 255},
-}
 GROUPS = [Group(id="A", name="a", age_band="18-24", taste_tags=("sporty",)), Group(id="B", region="north")]
 
 
@@ -35,18 +24,6 @@ def tiny_model(embed_dim: int = 16, **fields) -> RewardModel:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def open_clip_dir(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / OPEN_CLIP_WEIGHTS))
-    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
-    return folder
 
 
 def unit(rows: int, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from genshop.embedding import EmbeddingConfig
 from tests.conftest import cli_json, make_env, wait_for, write_brief
-from tests.test_reward_model import open_clip_dir, tiny_model  # noqa: F401 - fixture
+from tests.test_reward_model import tiny_model
 
 
-def test_a_generated_brief_is_scored_for_each_target_group(tmp_path, models_dir, open_clip_dir, start_worker):  # noqa: F811
+def test_a_generated_brief_is_scored_for_each_target_group(tmp_path, models_dir, open_clip_dir, start_worker):
     reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
         tmp_path / "reward")
     env = make_env(tmp_path / "home", models_dir, GENSHOP_REWARD_MODEL=str(reward_dir),
@@ -28,7 +28,7 @@ def test_a_generated_brief_is_scored_for_each_target_group(tmp_path, models_dir,
     assert len({item["scores"][0]["score"] for item in results["items"]}) == 3  # different images, different rewards
 
 
-def test_submit_local_scores_in_process_like_the_workers(env, tmp_path, open_clip_dir):  # noqa: F811
+def test_submit_local_scores_in_process_like_the_workers(env, tmp_path, open_clip_dir):
     reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
         tmp_path / "reward")
     env = {**env, "GENSHOP_REWARD_MODEL": str(reward_dir)}
