@@ -29,7 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import EmbeddingConfig
-from reward.curves import append_log, plot_training_curves
+from genshop.run_log import append_log
+from reward.curves import plot_training_curves
 from reward.data import ImpressionTensors, impression_tensors, predict
 from reward.features import EmbedderFeatures, FeatureSource
 from reward.groups import load_groups

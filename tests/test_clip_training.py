@@ -24,7 +24,7 @@ from genshop.evaluation.clip_eval import (
     zero_shot_predict,
 )
 from genshop.training.clip import ClipTrainingConfig, train_clip
-from genshop.training.run_log import read_log
+from genshop.run_log import read_log
 
 TINY_ARCHITECTURE = {
     "model_cfg": {

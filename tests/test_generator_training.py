@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from genshop.training.generator import GeneratorTrainingConfig, train_generator
-from genshop.training.run_log import read_log
+from genshop.run_log import read_log
 from tests.conftest import write_tiny_open_clip
 from tests.test_clip_training import write_catalog
 

@@ -40,7 +40,7 @@ from genshop.catalog_data import cached_image_tensor, listing_text, read_catalog
 from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from genshop.settings import REPO_ROOT
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
-from genshop.training.run_log import append_log, plot_loss_curves, truncate_log
+from genshop.run_log import append_log, plot_loss_curves, truncate_log
 
 DEFAULT_ARCHITECTURE = REPO_ROOT / "configs" / "clip" / "genshop-clip-mini.json"
 MAX_LOGIT_SCALE = math.log(100.0)

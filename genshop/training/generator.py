@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from genshop.catalog_data import decode_image, read_catalog, rows_as_dicts, sample_caption
 from genshop.settings import REPO_ROOT
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
-from genshop.training.run_log import append_log, read_log, truncate_log
+from genshop.run_log import append_log, read_log, truncate_log
 
 ProgressCallback = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 
