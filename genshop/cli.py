@@ -143,10 +143,39 @@ def worker(concurrency: int, loglevel: str, pool: str, hostname: str, queues: st
     queues = queues or f"{settings.queue},{settings.score_queue}"
     os.environ["GENSHOP_WORKER_QUEUES"] = queues
     os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
-    from workers.app import app
+    _supervise([sys.executable, "-m", "celery", "-A", "workers.app:app", "worker", f"--concurrency={concurrency}",
+                f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={queues}", f"--hostname={hostname}",
+                "--without-gossip", "--without-mingle"])
 
-    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--pool={pool}",
-                     f"--queues={queues}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"])
+
+def _supervise(argv: list[str], restart_delay_s: float = 1.0) -> None:
+    """Run the Celery worker as a child and start it again if it dies unasked.
+
+    Celery shuts a worker down on errors it cannot recover from, and a broker restart can
+    raise one inside kombu while a late ack races the reconnection. SIGTERM or SIGINT to
+    this process (or its process group) stops the worker for good.
+    """
+    import signal
+    import subprocess
+
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        child = subprocess.Popen(argv)
+        code = child.wait()
+        if stopping or code == 0:
+            raise SystemExit(code)
+        stderr.print(f"worker exited with status {code}; starting it again", markup=False)
+        time.sleep(restart_delay_s)
 
 
 @main.command()
