@@ -222,11 +222,8 @@ class Store:
     # -- briefs -----------------------------------------------------------------------
     def create_brief(self, brief: Brief, preset: str) -> tuple[BriefRecord, bool]:
         """Store a resolved brief as queued. Returns (record, created); a known
-        ``client_reference`` returns the first brief and ``created=False``."""
-        if brief.client_reference:
-            existing = self.find_by_reference(brief.client_reference)
-            if existing:
-                return existing, False
+        ``client_reference`` returns the first brief and ``created=False`` (the unique
+        constraint decides, so concurrent submissions of one reference make one brief)."""
         row = BriefRow(
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
