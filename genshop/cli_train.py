@@ -78,13 +78,16 @@ def train_clip(data, out_dir, recipe, val_data, architecture, epochs, max_steps,
               help="default: detected from the model folder")
 @click.option("--pretrained", default=None, help="open_clip: local checkpoint file for a built-in architecture")
 @click.option("--data", "data", type=PARQUET, multiple=True, required=True, help="catalog parquet, e.g. catalog-val.parquet")
+@click.option("--prior-data", "prior_data", type=PARQUET, multiple=True,
+              help="labelled catalog (the train split) whose label frequencies are the zero-shot label prior; "
+                   "the targets apply to the prior-corrected numbers")
 @click.option("--json-out", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the report as JSON (default <model>/eval-<split>.json for a model folder)")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--max-rows", type=int, default=None, help="evaluate on the first rows only")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-def eval_clip(model, backend, pretrained, data, json_out, batch_size, max_rows, device, threads) -> None:
+def eval_clip(model, backend, pretrained, data, prior_data, json_out, batch_size, max_rows, device, threads) -> None:
     """Zero-shot categorization and title→image retrieval on a catalog split; prints a table, writes JSON."""
     import torch
 
@@ -99,7 +102,7 @@ def eval_clip(model, backend, pretrained, data, json_out, batch_size, max_rows, 
         embedding = EmbeddingConfig.for_directory(model, **options)
     else:
         embedding = EmbeddingConfig(backend=backend or "open_clip", model=model, pretrained=pretrained, **options)
-    config = ClipEvalConfig(embedding=embedding, data=list(data), max_rows=max_rows)
+    config = ClipEvalConfig(embedding=embedding, data=list(data), max_rows=max_rows, prior_data=list(prior_data))
 
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}

@@ -20,10 +20,11 @@ from genshop.evaluation.clip_eval import (
     retrieval_metrics,
     retrieval_ranks,
     weighted_f1,
+    label_log_prior,
     zero_shot_classifier,
     zero_shot_predict,
 )
-from genshop.training.clip import ClipTrainingConfig, train_clip
+from genshop.training.clip import CatalogBatches, ClipTrainingConfig, train_clip
 from genshop.run_log import read_log
 
 TINY_ARCHITECTURE = {
@@ -95,13 +96,31 @@ def test_listing_text_is_the_title_plus_attribute_phrases():
     assert any("Nike" not in c for c in captions)  # taxonomy-only captions
 
 
+def test_attribute_view_gives_every_image_a_second_taxonomy_only_caption(catalog, tmp_path):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from genshop.catalog_data import read_catalog, rows_as_dicts
+
+    frame = read_catalog([catalog[0]])
+    images = torch.zeros(len(frame), 3, 32, 32, dtype=torch.uint8)
+    tokenizer = SimpleTokenizer(context_length=24)
+    config = tiny_config(catalog, tmp_path, attribute_view=True, title_only=1.0)
+    pixels, tokens = CatalogBatches(images, rows_as_dicts(frame), config, TINY_ARCHITECTURE["preprocess_cfg"],
+                                    tokenizer)(0)
+    assert len(tokens) == 2 * len(pixels) == 32
+    captions = [tokenizer.decode(row[row > 0].tolist()) for row in tokens]
+    assert all("brand" in caption for caption in captions[:16])  # view 1: the titles (title_only=1)
+    assert not any("brand" in caption for caption in captions[16:])  # view 2: taxonomy only
+
+
 # ---------------------------------------------------------------- training
 
 @pytest.fixture(scope="module")
 def trained(catalog, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("run")
     progress = []
-    model_dir = train_clip(tiny_config(catalog, out_dir, max_steps=40, checkpoint_every=20), progress.append)
+    model_dir = train_clip(tiny_config(catalog, out_dir, max_steps=40, checkpoint_every=20, attribute_view=True),
+                           progress.append)
     return out_dir, model_dir, progress
 
 
@@ -199,6 +218,17 @@ def test_zero_shot_averages_the_prompt_ensemble_in_embedding_space():
     assert zero_shot_predict(np.array([[0.9, 0.1], [0.1, 0.9]]), classes, ["cat", "dog"]) == ["cat", "dog"]
 
 
+def test_label_prior_is_bayes_rule_on_the_logits():
+    log_prior = label_log_prior(["dog"] * 8 + ["cat"] * 1, ["cat", "dog", "owl"])
+    np.testing.assert_allclose(np.exp(log_prior), [2 / 12, 9 / 12, 1 / 12])  # add-one smoothing
+    classes = np.eye(2)
+    image = np.array([[0.52, 0.48]])  # a little closer to "cat"
+    assert zero_shot_predict(image, classes, ["cat", "dog"]) == ["cat"]
+    # at logit scale 10 the cat's lead is 0.4 nats; the prior favours dog by log(9/2) = 1.5 nats
+    assert zero_shot_predict(image, classes, ["cat", "dog"], 10.0, label_log_prior(["dog"] * 8 + ["cat"], ["cat", "dog"])) == ["dog"]
+    assert zero_shot_predict(image, classes, ["cat", "dog"], 100.0, label_log_prior(["dog"] * 8 + ["cat"], ["cat", "dog"])) == ["cat"]
+
+
 def test_cli_trains_then_evaluates_and_writes_the_report(catalog, tmp_path):
     from genshop.cli_train import eval_clip
     from genshop.cli_train import train_clip as train_command
@@ -212,11 +242,12 @@ def test_cli_trains_then_evaluates_and_writes_the_report(catalog, tmp_path):
                                            "--architecture", str(architecture), "--max-steps", "6", "--threads", "1"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(eval_clip, ["--model", str(tmp_path / "run/model"), "--data", str(path),
-                                       "--json-out", str(tmp_path / "eval.json")])
+                                       "--prior-data", str(path), "--json-out", str(tmp_path / "eval.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["rows"] == 48 and report["backend"] == "open_clip"
     for name in ("master_category_accuracy", "article_type_accuracy", "article_type_weighted_f1", "colour_accuracy",
-                 "retrieval_r@1", "retrieval_r@10", "retrieval_mrr"):
+                 "colour_accuracy_no_prior", "master_category_accuracy_no_prior", "retrieval_r@1", "retrieval_r@10",
+                 "retrieval_mrr"):
         assert 0.0 <= report["metrics"][name] <= 1.0, name
         assert name in result.output

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from genshop.catalog_data import cached_image_tensor, listing_text, read_catalog, rows_as_dicts, sample_caption
+from genshop.catalog_data import attribute_caption, cached_image_tensor, listing_text, read_catalog, rows_as_dicts, sample_caption
 from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from genshop.settings import REPO_ROOT
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
@@ -67,6 +67,8 @@ class ClipTrainingConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     title_only: float = Field(default=0.3, ge=0, le=1, description="share of captions that are the bare title")
     attributes_only: float = Field(default=0.3, ge=0, le=1, description="share of captions made of taxonomy only")
+    attribute_view: bool = Field(default=False, description="give every image a second, taxonomy-only caption: a "
+                                 "second InfoNCE term that trains category and colour words at every step")
     scale_range: tuple[float, float] = (0.85, 1.1)
     max_shift: float = Field(default=0.06, ge=0, description="random translation, as a fraction of the image")
     flip: float = Field(default=0.5, ge=0, le=1)
@@ -205,11 +207,14 @@ class CatalogBatches:
         return self._order
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels ``[b, 3, s, s]`` and tokens ``[views * b, ctx]`` (view-major)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         size = min(self.config.batch_size, len(self.rows))
         ids = self.order(epoch)[index * size:(index + 1) * size][self.rank::self.world]
         rng = random.Random(self.config.seed * 1_000_003 + step * 7919 + self.rank)
         captions = [sample_caption(self.rows[i], rng, self.config.title_only, self.config.attributes_only) for i in ids.tolist()]
+        if self.config.attribute_view:
+            captions += [attribute_caption(self.rows[i], rng) for i in ids.tolist()]
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + self.rank)
         pixels = augment_images(self.images[ids], generator, self.config.scale_range, self.config.max_shift, self.config.flip)
         return normalise(pixels, self.preprocess_cfg), self.tokenizer(captions)
@@ -343,10 +348,12 @@ def train_clip(config: ClipTrainingConfig, progress: ProgressCallback | None = N
         with accelerator.autocast():
             image_features, text_features, logit_scale = model(pixels, tokens)
         image_all = gather_with_grad(image_features, accelerator)
-        text_all = gather_with_grad(text_features, accelerator)
-        loss = contrastive_loss(image_features, text_features, logit_scale, image_all, text_all,
-                                offset=accelerator.process_index * len(image_features),
-                                caption_ids=caption_ids(accelerator.gather(tokens)))
+        views = len(text_features) // len(image_features)
+        loss = sum(contrastive_loss(image_features, text_view, logit_scale, image_all,
+                                    gather_with_grad(text_view, accelerator),
+                                    offset=accelerator.process_index * len(image_features),
+                                    caption_ids=caption_ids(accelerator.gather(token_view)))
+                   for text_view, token_view in zip(text_features.chunk(views), tokens.chunk(views))) / views
 
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
