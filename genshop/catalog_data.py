@@ -150,6 +150,18 @@ def cached_image_tensor(paths: Sequence[str | Path], frame: pd.DataFrame, prepro
     return images
 
 
+def embed_catalog_images(embedder, frame: pd.DataFrame, progress: ProgressCallback | None = None,
+                         chunk: int = 2048) -> np.ndarray:
+    """Unit-length embeddings of every row's image, decoded a chunk at a time (bounded memory)."""
+    parts = []
+    for start in range(0, len(frame), chunk):
+        images = [decode_image(data) for data in frame["image"].iloc[start:start + chunk]]
+        parts.append(embedder.embed_images(images))
+        if progress:
+            progress(min(start + chunk, len(frame)), len(frame))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
 def rows_as_dicts(frame: pd.DataFrame) -> list[dict]:
     return frame[list(TEXT_COLUMNS)].to_dict("records")
 

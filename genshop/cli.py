@@ -292,8 +292,10 @@ def _register_model_commands() -> None:
     from genshop.cli_generator import eval_generator, train_generator, train_judge
     from genshop.cli_reward import reward, simulate
     from genshop.cli_train import eval_clip, train_clip
+    from genshop.cli_understand import understand
 
     main.add_command(reward)
+    main.add_command(understand)
     main.add_command(simulate)
 
     for command in (train_clip, train_generator, train_judge):

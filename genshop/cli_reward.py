@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from genshop.cli_train import _progress_bar, stage_progress
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -27,22 +28,6 @@ DEFAULT_GROUPS = Path(__file__).resolve().parent.parent / "configs" / "groups.ya
 
 class InvalidInput(click.ClickException):
     exit_code = 2
-
-
-def _progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
-
-
-def _stage_callback(bar: Progress):
-    tasks: dict[str, int] = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total or None, detail="")
-        bar.update(tasks[stage], completed=done, total=total or None)
-
-    return on_progress
 
 
 def _invalid_input(exc: Exception) -> InvalidInput:
@@ -177,7 +162,7 @@ def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, 
                               embedding=_embedding_config(clip, device), cache_dir=cache_dir,
                               clip_baseline=not no_clip_baseline)
     with _progress_bar() as bar:
-        report = evaluate_reward(config, _stage_callback(bar))
+        report = evaluate_reward(config, stage_progress(bar))
     stdout.print(_eval_table(report))
     passed = report.passed()
     for name, target in report.targets.items():
@@ -252,7 +237,7 @@ def simulate_impressions_command(catalog, groups, n, k, out, seed, pools, json_r
                               id_prefix=f"sim-{out.stem}")
     try:
         with _progress_bar() as bar:
-            frame, report = simulate_impressions(config, lambda done, total: _stage_callback(bar)("simulate", done, total))
+            frame, report = simulate_impressions(config, lambda done, total: stage_progress(bar)("simulate", done, total))
     except GroupsConfigError as exc:
         raise _invalid_input(exc) from None
     (write_impressions_jsonl if out.suffix.lower() in (".jsonl", ".ndjson") else write_impressions)(frame, out)

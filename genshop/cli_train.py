@@ -25,6 +25,27 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
 
 
+def stage_progress(bar: Progress):
+    """A ``(stage, done, total)`` progress callback that gives every stage its own bar."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total or None, detail="")
+        bar.update(tasks[stage], completed=done, total=total or None)
+
+    return on_progress
+
+
+def embedding_config(model: str, backend: str | None = None, pretrained: str | None = None, **options):
+    """The embedding config for a CLI's --model/--backend/--pretrained: a folder tells its own backend."""
+    from genshop.embedding import EmbeddingConfig
+
+    if backend is None and Path(model).is_dir():
+        return EmbeddingConfig.for_directory(model, **options)
+    return EmbeddingConfig(backend=backend or "open_clip", model=model, pretrained=pretrained, **options)
+
+
 @click.command("clip")
 @click.option("--data", "data", type=PARQUET, multiple=True, required=True, help="catalog parquet (repeatable)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -91,28 +112,14 @@ def eval_clip(model, backend, pretrained, data, prior_data, json_out, batch_size
     """Zero-shot categorization and title→image retrieval on a catalog split; prints a table, writes JSON."""
     import torch
 
-    from genshop.embedding import EmbeddingConfig
-
     if threads:
         torch.set_num_threads(threads)
     from genshop.evaluation.clip_eval import ClipEvalConfig, evaluate_clip
 
-    options = {"batch_size": batch_size, "device": device}
-    if backend is None and Path(model).is_dir():
-        embedding = EmbeddingConfig.for_directory(model, **options)
-    else:
-        embedding = EmbeddingConfig(backend=backend or "open_clip", model=model, pretrained=pretrained, **options)
+    embedding = embedding_config(model, backend, pretrained, batch_size=batch_size, device=device)
     config = ClipEvalConfig(embedding=embedding, data=list(data), max_rows=max_rows, prior_data=list(prior_data))
-
     with _progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, detail="")
-            bar.update(tasks[stage], completed=done, total=total)
-
-        report = evaluate_clip(config, on_progress)
+        report = evaluate_clip(config, stage_progress(bar))
 
     table = Table("metric", "value", "target", "pass", title=f"{report.model} ({report.backend}), {report.rows} rows")
     passed = report.passed()

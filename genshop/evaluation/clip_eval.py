@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from genshop.catalog_data import decode_image, read_catalog
+from genshop.catalog_data import embed_catalog_images, read_catalog
 from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
 
 PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -132,8 +132,7 @@ def evaluate_clip(config: ClipEvalConfig, progress: ProgressCallback | None = No
     if config.max_rows:
         frame = frame.iloc[: config.max_rows]
     embedder = load_embedder(config.embedding)
-    images = [decode_image(data) for data in frame["image"]]
-    image_embeddings = embedder.embed_images(images, lambda d, t: report("embedding images", d, t))
+    image_embeddings = embed_catalog_images(embedder, frame, lambda d, t: report("embedding images", d, t))
 
     prior_frame = read_catalog(config.prior_data, with_images=False) if config.prior_data else None
     metrics: dict[str, float] = {}

@@ -1,0 +1,1 @@
+"""Catalog understanding: taxonomy, zero-shot and top-tuned categorization, attributes, vector index."""
