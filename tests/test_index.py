@@ -251,6 +251,23 @@ def test_a_crash_mid_save_leaves_the_old_index_loadable(tmp_path, monkeypatch):
                                                                manifest["items_file"]])
 
 
+def test_load_starts_again_when_a_save_commits_under_it(tmp_path, monkeypatch):
+    folder = tmp_path / "index"
+    old, _ = filled_index(100)
+    old.save(folder)
+    new, _ = filled_index(150)
+    read_index = index_module.faiss.read_index
+    saves = []
+
+    def save_then_read(path):  # the reader has the old manifest; a writer commits and removes its files
+        if not saves:
+            saves.append(new.save(folder))
+        return read_index(path)
+
+    monkeypatch.setattr(index_module.faiss, "read_index", save_then_read)
+    assert len(VectorIndex.load(folder)) == 150
+
+
 def test_load_of_a_folder_without_an_index_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         VectorIndex.load(tmp_path)

@@ -33,6 +33,7 @@ every field must match one of its values) are answered in two ways:
 metadata field) under fresh names, then commits them by replacing ``manifest.json``
 (config, kind, tombstones, file names) with a rename; a crash anywhere before that rename
 leaves the previous manifest and its files in place, so the old index stays loadable.
+A ``load`` whose files a committing save removes under it starts again on the new manifest.
 
 Bad input (wrong dimension, non-finite or zero vectors, empty or non-string ids,
 duplicate ids in one add, malformed metadata or filters, ``k < 1``) raises
@@ -67,6 +68,7 @@ ProgressCallback = Callable[[int, int], None]  # (done, total)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 METADATA_PREFIX = "metadata."
+LOAD_ATTEMPTS = 5
 
 
 class IndexConfig(BaseModel):
@@ -528,14 +530,26 @@ class VectorIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:
-        """The index last committed to ``folder`` by ``save``."""
+        """The index last committed to ``folder`` by ``save``. A save that commits while this
+        reads (and removes the files it was reading) makes it start again on the new manifest."""
         folder = Path(folder)
         manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not a saved vector index")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        for attempt in range(LOAD_ATTEMPTS):
+            if not manifest_path.is_file():
+                raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not a saved vector index")
+            manifest_text = manifest_path.read_text(encoding="utf-8")
+            try:
+                return cls._from_files(folder, json.loads(manifest_text))
+            except (OSError, RuntimeError):  # faiss raises RuntimeError for a file that is gone
+                superseded = manifest_path.is_file() and manifest_path.read_text(encoding="utf-8") != manifest_text
+                if not superseded or attempt == LOAD_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_files(cls, folder: Path, manifest: dict[str, Any]) -> VectorIndex:
         if manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
+            raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
         index = cls(IndexConfig.model_validate(manifest["config"]))
         loaded = faiss.read_index(str(folder / manifest["faiss_file"]))
         if not isinstance(loaded, faiss.IndexIDMap2):
