@@ -78,8 +78,11 @@ def _brief_json(record: BriefRecord, store: Store, with_items: bool) -> dict:
         scores: dict[str, list] = {}
         for score in store.list_scores(record.id):
             scores.setdefault(score.item_id, []).append(score.model_dump(mode="json", exclude={"item_id", "created_at"}))
+        understood = {u.item_id: u.model_dump(mode="json", exclude={"item_id", "embedding", "created_at"})
+                      for u in store.list_understandings([item.id for item in items])}
         data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path)),
-                          "scores": scores.get(item.id, [])} for item in items]
+                          "scores": scores.get(item.id, []), "understanding": understood.get(item.id)}
+                         for item in items]
     return data
 
 
@@ -136,11 +139,11 @@ def demo(out_dir: Path, preset: str | None) -> None:
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True)
 @click.option("-n", "--hostname", default="genshop@%h", show_default=True, help="node name; unique per worker")
-@click.option("-Q", "--queues", default=None, help="comma-separated queues (default: generate and score)")
+@click.option("-Q", "--queues", default=None, help="comma-separated queues (default: generate, score and enrich)")
 def worker(concurrency: int, loglevel: str, pool: str, hostname: str, queues: str | None) -> None:
     """Start a Celery worker (models loaded once per process, only those its queues need)."""
     settings = get_settings()
-    queues = queues or f"{settings.queue},{settings.score_queue}"
+    queues = queues or ",".join(settings.worker_queues)
     os.environ["GENSHOP_WORKER_QUEUES"] = queues
     os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
     _supervise([sys.executable, "-m", "celery", "-A", "workers.app:app", "worker", f"--concurrency={concurrency}",
@@ -292,10 +295,13 @@ def _register_model_commands() -> None:
     from genshop.cli_generator import eval_generator, train_generator, train_judge
     from genshop.cli_reward import reward, simulate
     from genshop.cli_train import eval_clip, train_clip
+    from genshop.cli_catalog import catalog, search
     from genshop.cli_understand import understand
 
     main.add_command(reward)
     main.add_command(understand)
+    main.add_command(catalog)
+    main.add_command(search)
     main.add_command(simulate)
 
     for command in (train_clip, train_generator, train_judge):

@@ -1,7 +1,8 @@
 """The in-process worker of ``genshop demo`` and ``genshop submit --local``.
 
 It runs the steps the Celery tasks run, in the same order and with the same functions:
-generate (``genshop.service.run_brief``), then, when the brief has target groups and a
+generate (``genshop.service.run_brief``), then, when an embedding model is configured,
+enrich (``genshop.enrichment.enrich_brief``), and when the brief has target groups and a
 reward model is configured, score (``reward.brief_scoring.score_brief``). A face, like
 ``workers/``: it may import ``reward``.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from genshop.enrichment import Enricher, enrich_brief, enrich_config_from_settings, load_enricher
 from genshop.pipelines import LoadedPipeline, load_pipeline
 from genshop.service import ProgressCallback, run_brief
 from genshop.settings import get_settings
@@ -20,6 +22,7 @@ from genshop.store import BriefRecord, Store
 class LocalModels:
     pipeline: LoadedPipeline
     scorer: object | None  # reward.brief_scoring.BriefScorer when a reward model is configured
+    enricher: Enricher | None  # when an embedding model is configured
 
 
 def load_local_models(preset: str) -> LocalModels:
@@ -29,11 +32,14 @@ def load_local_models(preset: str) -> LocalModels:
         from reward.brief_scoring import load_brief_scorer
 
         scorer = load_brief_scorer(settings.reward_model)
-    return LocalModels(pipeline=load_pipeline(preset), scorer=scorer)
+    enricher = load_enricher(enrich_config_from_settings(settings)) if settings.embedding_model else None
+    return LocalModels(pipeline=load_pipeline(preset), scorer=scorer, enricher=enricher)
 
 
 def run_locally(store: Store, brief_id: str, models: LocalModels, on_progress: ProgressCallback | None = None) -> BriefRecord:
     record = run_brief(store, brief_id, models.pipeline, get_settings().max_attempts, on_progress)
+    if record.status == "succeeded" and models.enricher is not None:
+        enrich_brief(store, brief_id, models.enricher)
     if record.status == "succeeded" and record.brief.groups and models.scorer is not None:
         from reward.brief_scoring import score_brief
 

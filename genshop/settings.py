@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "genshop-mini"
+OFF = "off"
 
 
 class Settings(BaseModel):
@@ -29,6 +31,13 @@ class Settings(BaseModel):
     queue: str = Field(description="GENSHOP_QUEUE: the Celery queue for generation tasks")
     score_queue: str = Field(description="GENSHOP_SCORE_QUEUE: the Celery queue for reward scoring tasks")
     reward_model: Path | None = Field(description="GENSHOP_REWARD_MODEL: reward model folder; empty: no scoring")
+    enrich_queue: str = Field(description="GENSHOP_ENRICH_QUEUE: the Celery queue for enrich tasks")
+    embedding_model: Path | None = Field(description="GENSHOP_EMBEDDING_MODEL: CLIP folder of the enrich stage "
+                                                     "(default: the bundle's); 'off': no enrich stage")
+    understanding: Path | None = Field(description="GENSHOP_UNDERSTANDING: folder from `genshop understand fit` "
+                                                   "(calibration, top-tuned heads; default: the bundle's); 'off': none")
+    classifier: str = Field(description="GENSHOP_CLASSIFIER: 'zero-shot' (default) or 'top-tuned'")
+    index_dir: Path = Field(description="GENSHOP_INDEX_DIR: the vector index folder (default HOME/index)")
     device: str = Field(description="GENSHOP_DEVICE: torch device, 'auto' picks cuda when available")
     soft_time_limit: int = Field(description="GENSHOP_SOFT_TIME_LIMIT: seconds before a task is asked to stop")
     hard_time_limit: int = Field(description="GENSHOP_HARD_TIME_LIMIT: seconds before a task's process is killed")
@@ -36,10 +45,21 @@ class Settings(BaseModel):
     max_attempts: int = Field(description="GENSHOP_MAX_ATTEMPTS: deliveries of one brief before it is failed")
     requeue_after: int = Field(description="GENSHOP_REQUEUE_AFTER: seconds untouched before a worker requeues a brief")
 
+    @property
+    def worker_queues(self) -> list[str]:
+        """The queues a worker serves when not told: generate, score and enrich."""
+        return [self.queue, self.score_queue, self.enrich_queue]
+
+
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+def _optional_path(name: str, default: Path | None) -> Path | None:
+    value = _env(name, str(default) if default else "")
+    return None if value in ("", OFF) else Path(value).expanduser().resolve()
 
 
 @cache
@@ -60,6 +80,11 @@ def get_settings() -> Settings:
         queue=_env("GENSHOP_QUEUE", "generate"),
         score_queue=_env("GENSHOP_SCORE_QUEUE", "score"),
         reward_model=Path(os.environ["GENSHOP_REWARD_MODEL"]).resolve() if os.environ.get("GENSHOP_REWARD_MODEL") else None,
+        enrich_queue=_env("GENSHOP_ENRICH_QUEUE", "enrich"),
+        embedding_model=_optional_path("GENSHOP_EMBEDDING_MODEL", BUNDLE_DIR / "clip"),
+        understanding=_optional_path("GENSHOP_UNDERSTANDING", BUNDLE_DIR / "understanding"),
+        classifier=_env("GENSHOP_CLASSIFIER", "zero-shot"),
+        index_dir=Path(_env("GENSHOP_INDEX_DIR", str(home / "index"))).expanduser().resolve(),
         device=_env("GENSHOP_DEVICE", "auto"),
         soft_time_limit=int(_env("GENSHOP_SOFT_TIME_LIMIT", str(max(1, hard - min(60, hard // 10))))),
         hard_time_limit=hard,

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+from pydantic import BaseModel, Field
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, event, func, select, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from genshop.briefs import Brief
@@ -97,6 +97,39 @@ class ScoreRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class CatalogProductRow(Base):
+    """A real product of the shop's catalog (``genshop catalog import``), beside the generated items."""
+
+    __tablename__ = "catalog_products"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    product_id: Mapped[str] = mapped_column(String(64), unique=True)
+    title: Mapped[str] = mapped_column(Text)
+    attributes: Mapped[dict] = mapped_column(JSON)  # taxonomy columns: master_category, colour, ...
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_path: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UnderstandingRow(Base):
+    """What the enrich stage made of one item (generated or catalog) with one embedding model."""
+
+    __tablename__ = "understandings"
+    __table_args__ = (UniqueConstraint("item_id", "embedding_model", name="uq_understanding_item_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    embedding_model: Mapped[str] = mapped_column(String(128))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    categories: Mapped[dict] = mapped_column(JSON)
+    attributes: Mapped[dict] = mapped_column(JSON)
+    title: Mapped[str] = mapped_column(Text)
+    near_duplicate_of: Mapped[str | None] = mapped_column(String(32))
+    near_duplicate_similarity: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class BriefRecord(BaseModel):
     id: str
     client_reference: str | None
@@ -152,6 +185,43 @@ class NewScore(BaseModel):
 
 class ScoreRecord(NewScore):
     created_at: datetime
+
+
+class NewCatalogProduct(BaseModel):
+    product_id: str
+    title: str
+    attributes: dict[str, str]
+    image_sha256: str
+    image_path: str
+
+
+class CatalogProductRecord(NewCatalogProduct):
+    id: str
+    created_at: datetime
+
+
+ItemKind = Literal["generated", "catalog"]
+
+
+class NewUnderstanding(BaseModel):
+    item_id: str
+    kind: ItemKind
+    embedding_model: str
+    embedding: bytes = Field(description="float32 little-endian, unit length")
+    categories: dict[str, Any] = Field(description="level → {label, confidence, abstained}")
+    attributes: dict[str, Any] = Field(description="family → {label, confidence, abstained}")
+    title: str
+    near_duplicate_of: str | None = None
+    near_duplicate_similarity: float | None = None
+
+
+class UnderstandingRecord(NewUnderstanding):
+    created_at: datetime
+
+
+def catalog_product_id(product_id: str) -> str:
+    """Deterministic id of a catalog product: importing the same catalog twice adds nothing."""
+    return uuid.uuid5(ITEM_NAMESPACE, f"catalog/{product_id}").hex
 
 
 def item_id(brief_id: str, variant: int) -> str:
@@ -215,9 +285,19 @@ class Store:
         self.engine = create_engine(database_url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.images = ImageStore(home)
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """``create_all``, retried: processes starting together race between "exists?" and CREATE."""
+        for attempt in range(attempts):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except (OperationalError, ProgrammingError, IntegrityError) as exc:
+                if "already exists" not in str(exc) and "duplicate" not in str(exc).lower() or attempt == attempts - 1:
+                    raise
 
     # -- briefs -----------------------------------------------------------------------
     def create_brief(self, brief: Brief, preset: str) -> tuple[BriefRecord, bool]:
@@ -377,6 +457,45 @@ class Store:
             rows = session.scalars(select(ScoreRow).join(ItemRow, ItemRow.id == ScoreRow.item_id)
                                    .where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant, ScoreRow.group_id))
             return [ScoreRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    # -- catalog products ---------------------------------------------------------------
+    def add_catalog_products(self, products: list[NewCatalogProduct]) -> int:
+        """Insert products in one transaction, skipping product ids already imported."""
+        if not products:
+            return 0
+        rows = [{**p.model_dump(), "id": catalog_product_id(p.product_id), "created_at": utcnow()} for p in products]
+        statement = (self._insert()(CatalogProductRow).values(rows)
+                     .on_conflict_do_nothing(index_elements=["product_id"]).returning(CatalogProductRow.id))
+        with self.sessions.begin() as session:
+            return len(session.execute(statement).all())
+
+    def get_catalog_products(self, ids: list[str]) -> list[CatalogProductRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(CatalogProductRow).where(CatalogProductRow.id.in_(ids)))
+            return [CatalogProductRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def count_catalog_products(self) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(CatalogProductRow)) or 0
+
+    # -- understandings ----------------------------------------------------------------
+    def add_understandings(self, understandings: list[NewUnderstanding]) -> int:
+        """Insert, skipping (item, embedding model) pairs already understood."""
+        if not understandings:
+            return 0
+        rows = [{**u.model_dump(), "created_at": utcnow()} for u in understandings]
+        statement = (self._insert()(UnderstandingRow).values(rows)
+                     .on_conflict_do_nothing(index_elements=["item_id", "embedding_model"])
+                     .returning(UnderstandingRow.id))
+        with self.sessions.begin() as session:
+            return len(session.execute(statement).all())
+
+    def list_understandings(self, item_ids: list[str], embedding_model: str | None = None) -> list[UnderstandingRecord]:
+        query = select(UnderstandingRow).where(UnderstandingRow.item_id.in_(item_ids))
+        if embedding_model is not None:
+            query = query.where(UnderstandingRow.embedding_model == embedding_model)
+        with self.sessions() as session:
+            return [UnderstandingRecord.model_validate(r, from_attributes=True) for r in session.scalars(query)]
 
     def _insert(self):
         """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite and PostgreSQL)."""

@@ -22,6 +22,7 @@ from genshop.settings import get_settings
 
 GENERATE_TASK = "genshop.generate_brief"
 SCORE_TASK = "genshop.score_brief"
+ENRICH_TASK = "genshop.enrich_brief"
 
 
 def create_app() -> Celery:
@@ -56,7 +57,8 @@ def create_app() -> Celery:
         result_expires=7 * 24 * 3600,
         task_track_started=False,  # the task publishes its own RUNNING state with progress
         task_default_queue=settings.queue,
-        task_routes={GENERATE_TASK: {"queue": settings.queue}, SCORE_TASK: {"queue": settings.score_queue}},
+        task_routes={GENERATE_TASK: {"queue": settings.queue}, SCORE_TASK: {"queue": settings.score_queue},
+                     ENRICH_TASK: {"queue": settings.enrich_queue}},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
@@ -83,4 +85,11 @@ def enqueue_scoring(brief_id: str) -> str:
     """Put a generated brief on the scoring queue (CPU workers may serve it apart from the GPU ones)."""
     task_id = f"score-{brief_id}"
     app.send_task(SCORE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().score_queue)
+    return task_id
+
+
+def enqueue_enrichment(brief_id: str) -> str:
+    """Put a generated brief on the enrich queue (embedding, categories, attributes, near-duplicates, index)."""
+    task_id = f"enrich-{brief_id}"
+    app.send_task(ENRICH_TASK, args=[brief_id], task_id=task_id, queue=get_settings().enrich_queue)
     return task_id

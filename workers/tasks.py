@@ -1,9 +1,10 @@
 """Celery tasks: load from the store, call the part, write to the store. Nothing else.
 
-The diffusion pipeline (for the generate queue) and the reward model (for the score
-queue) are loaded once per worker process, in ``worker_process_init`` (after the prefork
-pool forked, never in the parent), and kept for every task that process runs. A brief
-with target groups is queued for scoring once generated. The parent runs the requeue
+The diffusion pipeline (for the generate queue), the reward model (for the score queue)
+and the enricher (CLIP, taxonomy, classifier; for the enrich queue) are loaded once per
+worker process, in ``worker_process_init`` (after the prefork pool forked, never in the
+parent), and kept for every task that process runs. A generated brief is queued for
+enrichment (when an embedding model is configured) and, with target groups, for scoring. The parent runs the requeue
 sweep (``genshop.service.requeue_stale``).
 """
 
@@ -22,12 +23,14 @@ from genshop.pipelines import LoadedPipeline, load_pipeline
 from genshop.service import Progress, requeue_stale, run_brief
 from genshop.settings import get_settings
 from genshop.store import Store, open_store
-from workers.app import GENERATE_TASK, SCORE_TASK, app, enqueue_generation, enqueue_scoring
+from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
+                         enqueue_scoring)
 
 logger = get_logger("genshop.workers")
 
 _pipeline: LoadedPipeline | None = None
 _scorer = None
+_enricher = None
 _store: Store | None = None
 pipeline_loads = 0
 
@@ -58,6 +61,16 @@ def worker_scorer():
     return _scorer
 
 
+def worker_enricher():
+    global _enricher
+    if _enricher is None:
+        from genshop.enrichment import enrich_config_from_settings, load_enricher
+
+        _set_threads()
+        _enricher = load_enricher(enrich_config_from_settings(get_settings()))
+    return _enricher
+
+
 def worker_store() -> Store:
     global _store
     if _store is None:
@@ -69,7 +82,7 @@ def consumed_queues() -> set[str]:
     """The queues this worker serves (``genshop worker --queues``); every queue when not told."""
     settings = get_settings()
     named = os.environ.get("GENSHOP_WORKER_QUEUES", "")
-    return set(named.split(",")) if named else {settings.queue, settings.score_queue}
+    return set(named.split(",") if named else settings.worker_queues)
 
 
 @signals.worker_process_init.connect
@@ -81,6 +94,8 @@ def _load_models_in_child(**_kwargs) -> None:
         worker_pipeline()
     if settings.score_queue in consumed_queues() and settings.reward_model:
         worker_scorer()
+    if settings.enrich_queue in consumed_queues() and settings.embedding_model:
+        worker_enricher()
 
 
 @signals.worker_ready.connect
@@ -114,6 +129,8 @@ def generate_brief(self, brief_id: str) -> dict:
     settings = get_settings()
     record = run_brief(worker_store(), brief_id, worker_pipeline(), settings.max_attempts, on_progress)
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
+    if record.status == "succeeded" and settings.embedding_model:
+        result["enrich_task_id"] = enqueue_enrichment(brief_id)
     if record.status == "succeeded" and record.brief.groups and settings.reward_model:
         result["score_task_id"] = enqueue_scoring(brief_id)
     if record.status == "cancelled":
@@ -130,3 +147,12 @@ def score_brief(brief_id: str) -> dict:
 
     scores = score_stored_brief(worker_store(), brief_id, worker_scorer())
     return {"brief_id": brief_id, "scores": len(scores), "worker_pid": os.getpid()}
+
+
+@app.task(name=ENRICH_TASK)
+def enrich_brief(brief_id: str) -> dict:
+    from genshop.enrichment import enrich_brief as enrich_stored_brief
+
+    understood = enrich_stored_brief(worker_store(), brief_id, worker_enricher())
+    duplicates = sum(1 for u in understood if u.near_duplicate_of)
+    return {"brief_id": brief_id, "items": len(understood), "near_duplicates": duplicates, "worker_pid": os.getpid()}

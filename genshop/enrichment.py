@@ -1,0 +1,213 @@
+"""The enrich stage: every item (generated or imported from the catalog) embedded, categorized,
+attribute-tagged, titled, checked for near-duplicates, indexed and stored.
+
+One code path for the ``enrich`` Celery task, the in-process worker and ``genshop catalog
+import``: ``enrich_items(store, enricher, items)``. Order makes it safe to redo after a
+crash: items already understood with this embedding model are skipped; the vector index
+is written (add replaces an id) before the understandings are stored, so an item is never
+recorded as understood without being searchable.
+
+The index is one folder (``GENSHOP_INDEX_DIR``) shared by every worker: each write holds
+an exclusive file lock for load → near-duplicate search → add → save, so concurrent
+enrich tasks serialise there and nothing is lost. Every write loads and saves the whole
+index: fine for catalogs of this size, the place to change (a long-lived index writer)
+when catalogs grow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
+from genshop.store import ItemKind, NewCatalogProduct, NewUnderstanding, Store, UnderstandingRecord, catalog_product_id
+from genshop.understanding.categorize import HIERARCHY, ItemUnderstanding, LinearHeads, ZeroShotClassifier, understand
+from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
+from genshop.understanding.index import IndexConfig, VectorIndex
+from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
+
+ProgressCallback = Callable[[int, int], None]
+LOCK_FILE = ".lock"
+
+
+class EnrichConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: EmbeddingConfig
+    index_dir: Path
+    taxonomy: Path = DEFAULT_TAXONOMY
+    understanding: Path | None = Field(default=None, description="folder from `genshop understand fit`: calibration "
+                                                                "temperatures and the top-tuned heads")
+    classifier: Literal["zero-shot", "top-tuned"] = "zero-shot"
+    abstain_below: float = Field(default=0.5, ge=0, le=1)
+    near_duplicate_above: float = Field(default=0.95, gt=0, le=1, description="cosine similarity that flags a near-duplicate")
+
+
+@dataclass(frozen=True)
+class Enricher:
+    config: EnrichConfig
+    embedder: Embedder
+    classifier: ZeroShotClassifier | LinearHeads
+    taxonomy: Taxonomy
+    model_id: str  # recorded with every understanding: the embedding model and a fingerprint of its files
+
+
+@dataclass(frozen=True)
+class ItemToEnrich:
+    id: str
+    kind: ItemKind
+    image_path: Path
+    title: str = ""
+    known: dict[str, str] | None = None  # the catalog's own labels, used as index metadata when given
+
+
+def _fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return f"{folder.name}@{digest.hexdigest()[:12]}"
+
+
+def enrich_config_from_settings(settings) -> EnrichConfig:
+    """The enrich stage a deployment configured (``GENSHOP_EMBEDDING_MODEL``, ``..._UNDERSTANDING_HEADS``, ``..._INDEX_DIR``)."""
+    if settings.embedding_model is None:
+        raise ValueError("GENSHOP_EMBEDDING_MODEL is 'off': there is no enrich stage")
+    return EnrichConfig(embedding=EmbeddingConfig.for_directory(settings.embedding_model, device=settings.device),
+                        index_dir=settings.index_dir, understanding=settings.understanding,
+                        classifier=settings.classifier)
+
+
+def load_enricher(config: EnrichConfig) -> Enricher:
+    taxonomy = load_taxonomy(config.taxonomy)
+    embedder = load_embedder(config.embedding)
+    if config.classifier == "top-tuned":
+        if config.understanding is None:
+            raise ValueError("classifier: 'top-tuned' needs an understanding folder (`genshop understand fit`)")
+        classifier = LinearHeads.from_pretrained(config.understanding, taxonomy)
+    else:
+        classifier = ZeroShotClassifier(embedder, taxonomy, load_zero_shot_temperatures(config.understanding))
+    return Enricher(config, embedder, classifier, taxonomy, _fingerprint(Path(config.embedding.model)))
+
+
+def understand_images(enricher: Enricher, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[ItemUnderstanding]]:
+    embeddings = enricher.embedder.embed_images(images)
+    temperature = enricher.classifier.temperatures.get(HIERARCHY, 1.0)
+    understood = understand(enricher.classifier.log_posteriors(embeddings), enricher.taxonomy,
+                            enricher.config.abstain_below, temperature)
+    return embeddings, understood
+
+
+@contextmanager
+def locked_index(folder: Path, dim: int) -> Iterator[VectorIndex]:
+    """The index in ``folder`` (a new one if none), held under an exclusive lock, saved on success."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            index = VectorIndex.load(folder) if (folder / "manifest.json").is_file() else VectorIndex(IndexConfig(dim=dim))
+            yield index
+            index.save(folder)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_index(folder: Path) -> VectorIndex | None:
+    """The saved index for reading (a consistent snapshot: saves commit by one rename), None if none."""
+    return VectorIndex.load(folder) if (Path(folder) / "manifest.json").is_file() else None
+
+
+def index_metadata(item: ItemToEnrich, understood: ItemUnderstanding) -> dict[str, str]:
+    predicted = {level: getattr(understood, level).label for level in LEVELS}
+    predicted |= {name: score.label for name, score in understood.attributes.items()}
+    labels = item.known if item.known is not None else {k: v for k, v in predicted.items() if v}
+    return {**labels, "kind": item.kind, "title": item.title or understood.title, "image_path": str(item.image_path)}
+
+
+def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]) -> list[UnderstandingRecord]:
+    """Understand, deduplicate, index and store the items not yet understood with this model."""
+    done = {u.item_id for u in store.list_understandings([i.id for i in items], enricher.model_id)}
+    todo = [item for item in items if item.id not in done]
+    if todo:
+        images = [Image.open(item.image_path).convert("RGB") for item in todo]
+        embeddings, understood = understand_images(enricher, images)
+        with locked_index(enricher.config.index_dir, embeddings.shape[1]) as index:
+            duplicates = near_duplicates(index, [item.id for item in todo], embeddings,
+                                         enricher.config.near_duplicate_above)
+            index.add([item.id for item in todo], embeddings,
+                      [index_metadata(item, u) for item, u in zip(todo, understood)])
+        store.add_understandings([
+            NewUnderstanding(
+                item_id=item.id, kind=item.kind, embedding_model=enricher.model_id,
+                embedding=embedding.astype("<f4").tobytes(),
+                categories={level: getattr(u, level).model_dump() for level in LEVELS},
+                attributes={name: score.model_dump() for name, score in u.attributes.items()},
+                title=u.title, near_duplicate_of=duplicate[0] if duplicate else None,
+                near_duplicate_similarity=duplicate[1] if duplicate else None)
+            for item, embedding, u, duplicate in zip(todo, embeddings, understood, duplicates)])
+    return store.list_understandings([i.id for i in items], enricher.model_id)
+
+
+def near_duplicates(index: VectorIndex, ids: Sequence[str], embeddings: np.ndarray,
+                    above: float) -> list[tuple[str, float] | None]:
+    """For each new item, its most similar item (indexed earlier, or earlier in this batch) when at least ``above``."""
+    found: list[tuple[str, float] | None] = []
+    hits = index.search(embeddings, k=2) if len(index) else [[] for _ in embeddings]
+    for i, embedding in enumerate(embeddings):
+        others = [hit for hit in hits[i] if hit.id != ids[i]]  # a redone item may be indexed already
+        best = (others[0].id, others[0].score) if others else None
+        if i:
+            similarities = embeddings[:i] @ embedding
+            j = int(np.argmax(similarities))
+            if best is None or similarities[j] > best[1]:
+                best = (ids[j], float(similarities[j]))
+        found.append(best if best is not None and best[1] >= above else None)
+    return found
+
+
+def enrich_brief(store: Store, brief_id: str, enricher: Enricher) -> list[UnderstandingRecord]:
+    items = store.list_items(brief_id)
+    return enrich_items(store, enricher, [ItemToEnrich(id=i.id, kind="generated", image_path=store.images.path(i.image_path),
+                                                       title="") for i in items])
+
+
+class CatalogImportReport(BaseModel):
+    rows: int
+    added: int = Field(description="products new to the store")
+    enriched: int = Field(description="products embedded, categorized and indexed")
+
+
+def import_catalog(store: Store, paths: Sequence[Path], enricher: Enricher | None, limit: int | None = None,
+                   batch_size: int = 256, progress: ProgressCallback | None = None) -> CatalogImportReport:
+    """Load catalog parquet rows (the fashion-products format) into the store, and enrich them when an enricher is given."""
+    from genshop.catalog_data import TAXONOMY_COLUMNS, decode_image, read_catalog
+
+    frame = read_catalog(paths)
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    added = enriched = 0
+    for start in range(0, len(frame), batch_size):
+        products, to_enrich = [], []
+        for row in frame.iloc[start:start + batch_size].to_dict("records"):
+            sha, relative = store.images.put(decode_image(row["image"]))
+            attributes = {column: row[column] for column in TAXONOMY_COLUMNS}
+            products.append(NewCatalogProduct(product_id=row["product_id"], title=row["title"], attributes=attributes,
+                                              image_sha256=sha, image_path=relative))
+            to_enrich.append(ItemToEnrich(id=catalog_product_id(row["product_id"]), kind="catalog",
+                                          image_path=store.images.path(relative), title=row["title"],
+                                          known={k: v for k, v in attributes.items() if v not in UNKNOWN_VALUES}))
+        added += store.add_catalog_products(products)
+        if enricher is not None:
+            enriched += len(enrich_items(store, enricher, to_enrich))
+        if progress:
+            progress(min(start + batch_size, len(frame)), len(frame))
+    return CatalogImportReport(rows=len(frame), added=added, enriched=enriched)
