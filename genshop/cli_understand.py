@@ -79,6 +79,10 @@ def eval_understanding(model, pretrained, data, heads, taxonomy, abstain_below, 
     for name in report.metrics[kinds[0]]:
         table.add_row(name, *(f"{report.metrics[kind].get(name, float('nan')):.4f}" for kind in kinds))
     stdout.print(table)
+    retrieval = Table("category → product retrieval", "mAP")
+    for name, value in report.retrieval.items():
+        retrieval.add_row(name, f"{value:.4f}")
+    stdout.print(retrieval)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")

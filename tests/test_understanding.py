@@ -132,3 +132,48 @@ def test_linear_heads_fit_calibrate_save_and_load(taxonomy, tmp_path):
     other = taxonomy.model_copy(update={"article_types": taxonomy.article_types[:-1]})
     with pytest.raises(ValueError, match="another taxonomy"):
         LinearHeads.from_pretrained(tmp_path / "heads", other)
+
+
+def test_product_vector_fuses_modalities_and_beats_the_image_alone_on_category_retrieval(tmp_path):
+    from genshop.understanding.fusion import ProductFusion, attribute_text, category_retrieval_map, fit_fusion
+
+    rng = np.random.default_rng(0)
+    dim, n_classes, n = 24, 6, 1200
+    classes = rng.normal(size=(n_classes, dim))
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    labels = rng.integers(n_classes, size=n)
+    noise = lambda scale: scale * rng.normal(size=(n, dim))  # noqa: E731
+    features = {"image": classes[labels] + noise(1.2), "title": classes[labels] + noise(0.5),
+                "attributes": noise(1.0)}  # attributes say nothing about the category here
+    names = [f"c{i}" for i in range(n_classes)]
+
+    untrained = ProductFusion(dim).fuse(features)
+    plain_sum = sum(v / np.linalg.norm(v, axis=1, keepdims=True) for v in features.values())
+    np.testing.assert_allclose(untrained, plain_sum / np.linalg.norm(plain_sum, axis=1, keepdims=True), atol=1e-5)
+
+    fusion = fit_fusion({m: v[:900] for m, v in features.items()}, labels[:900], classes, logit_scale=20.0, steps=200)
+    held_out = {m: v[900:] for m, v in features.items()}
+    label_names = np.array(names, dtype=object)[labels[900:]]
+    image_only = category_retrieval_map(held_out["image"] / np.linalg.norm(held_out["image"], axis=1, keepdims=True),
+                                        label_names, classes, names)
+    fused = category_retrieval_map(fusion.fuse(held_out), label_names, classes, names)
+    untrained_map = category_retrieval_map(ProductFusion(dim).fuse(held_out), label_names, classes, names)
+    assert fused > untrained_map and fused > image_only + 0.1
+    without_title = category_retrieval_map(fusion.fuse({"image": held_out["image"]}), label_names, classes, names)
+    assert without_title > 0.2  # still usable for an item with no title
+
+    loaded = ProductFusion.from_pretrained(fusion.save_pretrained(tmp_path / "fusion"))
+    np.testing.assert_allclose(loaded.fuse(held_out), fusion.fuse(held_out), atol=1e-6)
+    assert attribute_text({"gender": "Women", "colour": "Red", "usage": ""}) == "Red, Women"
+
+
+def test_category_retrieval_map_on_a_worked_example():
+    from genshop.understanding.fusion import category_retrieval_map
+
+    classes = np.eye(2)
+    products = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    # "a": relevant items 0 and 2 ranked 1st and 3rd → AP (1/1 + 2/3) / 2; "b": items 1, 3 ranked 3rd, 1st for b
+    labels = np.array(["a", "b", "a", "b"], dtype=object)
+    expected_a = (1 + 2 / 3) / 2
+    expected_b = (1 / 1 + 2 / 3) / 2  # b's order: 3 (0.0,1.0), 2, 1, 0 → relevant at ranks 1 and 3
+    assert category_retrieval_map(products, labels, classes, ["a", "b"]) == pytest.approx((expected_a + expected_b) / 2)

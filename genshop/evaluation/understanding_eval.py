@@ -8,6 +8,10 @@ those of the product's enrich stage. Per classifier:
   master category the family applies to;
 - article-type calibration: expected calibration error of the confidence, and at the
   abstain threshold the coverage (share answered) and the accuracy of the answered ones.
+
+And category → product retrieval (each article type's prompt-ensemble text embedding is a
+query over the split; mean average precision) with the image embedding alone, and with
+the multimodal product vector of the understanding folder (image, title, attributes).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from genshop.understanding.categorize import (
     expected_calibration_error,
     understand,
 )
-from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
+from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures, product_modalities
+from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, category_retrieval_map
 from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -51,6 +56,7 @@ class UnderstandingEvalReport(BaseModel):
     rows: int
     abstain_below: float
     metrics: dict[str, dict[str, float]] = Field(description="classifier kind → metric → value")
+    retrieval: dict[str, float] = Field(default_factory=dict, description="category → product mAP per vector")
 
 
 def understanding_metrics(items: list[ItemUnderstanding], confident: list[ItemUnderstanding], frame,
@@ -98,5 +104,15 @@ def evaluate_understanding(config: UnderstandingEvalConfig,
         confident = understand(log_posteriors, taxonomy, config.abstain_below, hierarchy_temperature=temperature)
         metrics[classifier.kind] = understanding_metrics(items, confident, frame, taxonomy)
         report(classifier.kind, 1, 1)
+    classes, labels = classifiers[0].class_embeddings["article_type"], classifiers[0].labels["article_type"]
+    retrieval = {"image_map": category_retrieval_map(embeddings, frame["article_type"], classes, labels)}
+    if config.heads is not None and (config.heads / FUSION_CONFIG).is_file():
+        fusion = ProductFusion.from_pretrained(config.heads)
+        modalities = product_modalities(embedder, frame, embeddings)
+        retrieval["product_vector_map"] = category_retrieval_map(fusion.fuse(modalities), frame["article_type"],
+                                                                 classes, labels)
+        without_title = fusion.fuse({m: v for m, v in modalities.items() if m != "title"})
+        retrieval["product_vector_without_title_map"] = category_retrieval_map(without_title, frame["article_type"],
+                                                                               classes, labels)
     return UnderstandingEvalReport(model=config.embedding.model, rows=len(frame), abstain_below=config.abstain_below,
-                                   metrics=metrics)
+                                   metrics=metrics, retrieval=retrieval)

@@ -242,7 +242,7 @@ class LinearHeads:
 
 
 def fit_linear_heads(image_embeddings: np.ndarray, labelled: Mapping[str, Sequence[str]], taxonomy: Taxonomy,
-                     epochs: int = 60, learning_rate: float = 0.05, weight_decay: float = 1e-4,
+                     iterations: int = 200, learning_rate: float = 0.05, weight_decay: float = 1e-4,
                      seed: int = 0) -> LinearHeads:
     """Full-batch softmax regression per output (rows with an unknown label are left out of that output)."""
     generator = torch.Generator().manual_seed(seed)
@@ -256,7 +256,7 @@ def fit_linear_heads(image_embeddings: np.ndarray, labelled: Mapping[str, Sequen
         head = torch.nn.Linear(features.shape[1], len(labels))
         torch.nn.init.normal_(head.weight, std=0.01, generator=generator)
         torch.nn.init.zeros_(head.bias)
-        optimizer = torch.optim.LBFGS(head.parameters(), lr=learning_rate * 20, max_iter=epochs,
+        optimizer = torch.optim.LBFGS(head.parameters(), lr=learning_rate * 20, max_iter=iterations,
                                       line_search_fn="strong_wolfe")
         x, y = features[keep], targets[keep]
 

@@ -7,6 +7,7 @@ zero-shot classifier of the same CLIP. Output folder::
 
     heads.safetensors, heads_config.json   the top-tuned heads (``LinearHeads``)
     zero_shot_calibration.json             temperatures of the zero-shot classifier
+    fusion.safetensors, fusion_config.json the multimodal product vector (``fusion.ProductFusion``)
     fit_config.json
 """
 
@@ -22,11 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from genshop.catalog_data import embed_catalog_images, read_catalog
 from genshop.embedding import EmbeddingConfig, load_embedder
 from genshop.settings import REPO_ROOT
-from genshop.understanding.categorize import ZeroShotClassifier, calibrate, fit_linear_heads, output_labels
-from genshop.understanding.taxonomy import load_taxonomy
+from genshop.understanding.categorize import (ZeroShotClassifier, calibrate, fit_linear_heads, label_targets,
+                                              output_labels)
+from genshop.understanding.fusion import attribute_text, fit_fusion
+from genshop.understanding.taxonomy import UNKNOWN_VALUES, load_taxonomy
 
 DEFAULT_TAXONOMY = REPO_ROOT / "configs" / "understanding" / "taxonomy.yaml"
 ZERO_SHOT_CALIBRATION = "zero_shot_calibration.json"
+ATTRIBUTE_COLUMNS = ("gender", "colour", "usage")  # the attribute modality of the product vector
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -46,6 +50,14 @@ class FitConfig(BaseModel):
 def load_zero_shot_temperatures(folder: str | Path | None) -> dict[str, float]:
     path = None if folder is None else Path(folder) / ZERO_SHOT_CALIBRATION
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+
+
+def product_modalities(embedder, frame, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """The three modalities of catalog rows: image embeddings (given), title and attribute-text embeddings."""
+    attributes = [attribute_text({f: row[f] for f in ATTRIBUTE_COLUMNS if row[f] not in UNKNOWN_VALUES})
+                  for row in frame[list(ATTRIBUTE_COLUMNS)].to_dict("records")]
+    return {"image": image_embeddings, "title": embedder.embed_texts(list(frame["title"])),
+            "attributes": embedder.embed_texts(attributes)}
 
 
 def fit_understanding(config: FitConfig, progress: ProgressCallback | None = None) -> Path:
@@ -73,7 +85,15 @@ def fit_understanding(config: FitConfig, progress: ProgressCallback | None = Non
     zero_shot_temperatures = calibrate(zero_shot, embeddings[held_out], labelled(held_out))
     report("calibrating", 1, 1)
 
+    report("fitting the product vector", 0, 1)
+    modalities = product_modalities(embedder, frame, embeddings)
+    fusion = fit_fusion({m: v[fit_rows] for m, v in modalities.items()},
+                        label_targets(frame["article_type"].iloc[fit_rows], zero_shot.labels["article_type"]),
+                        zero_shot.class_embeddings["article_type"], embedder.logit_scale, seed=config.seed)
+    report("fitting the product vector", 1, 1)
+
     out_dir = heads.save_pretrained(config.out_dir)
+    fusion.save_pretrained(out_dir)
     (out_dir / ZERO_SHOT_CALIBRATION).write_text(json.dumps(zero_shot_temperatures, indent=2), encoding="utf-8")
     (out_dir / "fit_config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
     return out_dir
