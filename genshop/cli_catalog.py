@@ -65,13 +65,15 @@ def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.argument("query", required=False)
 @click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="query image (image→image search; with QUERY, both are combined)")
+@click.option("--category", "category", is_flag=True,
+              help="search the multimodal product vectors (image + title + attributes) with a category query")
 @click.option("--k", type=int, default=10, show_default=True)
 @click.option("--filter", "filters", multiple=True, help="FIELD=VALUE, e.g. master_category=Apparel (repeatable)")
 @click.option("--json", "as_json", is_flag=True)
-def search(query, image, k, filters, as_json) -> None:
+def search(query, image, category, k, filters, as_json) -> None:
     """Search generated and catalog items by text ("red kurta for women") or by image."""
     from genshop.embedding import EmbeddingConfig, load_embedder
-    from genshop.enrichment import open_index
+    from genshop.enrichment import PRODUCT_INDEX, open_index
     from genshop.settings import get_settings
     from genshop.understanding.index import IndexInputError
     from genshop.understanding.search import QueryError
@@ -80,9 +82,11 @@ def search(query, image, k, filters, as_json) -> None:
     settings = get_settings()
     if settings.embedding_model is None:
         raise click.ClickException("GENSHOP_EMBEDDING_MODEL is 'off': there is no index to search")
-    index = open_index(settings.index_dir)
+    folder = settings.index_dir / PRODUCT_INDEX if category else settings.index_dir
+    index = open_index(folder)
     if index is None:
-        raise click.ClickException(f"no index in {settings.index_dir}: run `genshop catalog import` or generate first")
+        raise click.ClickException(f"no index in {folder}: run `genshop catalog import` or generate first"
+                                   + (" with an understanding folder that has a product vector" if category else ""))
     embedder = load_embedder(EmbeddingConfig.for_directory(settings.embedding_model, device=settings.device))
     try:
         hits = search_index(index, embedder, query, image, k, _filters(filters) or None)

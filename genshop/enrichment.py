@@ -7,6 +7,10 @@ crash: items already understood with this embedding model are skipped; the vecto
 is written (add replaces an id) before the understandings are stored, so an item is never
 recorded as understood without being searchable.
 
+With a product-vector model in the understanding folder, the fused image + title +
+attributes vector of each item goes into a second index (``products/``), the one
+``genshop search --category`` asks.
+
 The index is one folder (``GENSHOP_INDEX_DIR``) shared by every worker: each write holds
 an exclusive file lock for load → near-duplicate search → add → save, so concurrent
 enrich tasks serialise there and nothing is lost. Every write loads and saves the whole
@@ -32,11 +36,13 @@ from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
 from genshop.store import ItemKind, NewCatalogProduct, NewUnderstanding, Store, UnderstandingRecord, catalog_product_id
 from genshop.understanding.categorize import HIERARCHY, ItemUnderstanding, LinearHeads, ZeroShotClassifier, understand
 from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
+from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, attribute_text
 from genshop.understanding.index import IndexConfig, VectorIndex
 from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
 
 ProgressCallback = Callable[[int, int], None]
 LOCK_FILE = ".lock"
+PRODUCT_INDEX = "products"  # subfolder: the index of multimodal product vectors (category → product search)
 
 
 class EnrichConfig(BaseModel):
@@ -59,6 +65,7 @@ class Enricher:
     classifier: ZeroShotClassifier | LinearHeads
     taxonomy: Taxonomy
     model_id: str  # recorded with every understanding: the embedding model and a fingerprint of its files
+    fusion: ProductFusion | None = None  # the multimodal product vector, when the understanding folder has one
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,10 @@ def load_enricher(config: EnrichConfig) -> Enricher:
         classifier = LinearHeads.from_pretrained(config.understanding, taxonomy)
     else:
         classifier = ZeroShotClassifier(embedder, taxonomy, load_zero_shot_temperatures(config.understanding))
-    return Enricher(config, embedder, classifier, taxonomy, _fingerprint(Path(config.embedding.model)))
+    fusion = None
+    if config.understanding is not None and (config.understanding / FUSION_CONFIG).is_file():
+        fusion = ProductFusion.from_pretrained(config.understanding)
+    return Enricher(config, embedder, classifier, taxonomy, _fingerprint(Path(config.embedding.model)), fusion)
 
 
 def understand_images(enricher: Enricher, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[ItemUnderstanding]]:
@@ -133,6 +143,18 @@ def index_metadata(item: ItemToEnrich, understood: ItemUnderstanding) -> dict[st
     return {**labels, "kind": item.kind, "title": item.title or understood.title, "image_path": str(item.image_path)}
 
 
+def product_vectors(enricher: Enricher, items: Sequence[ItemToEnrich], embeddings: np.ndarray,
+                    metadata: Sequence[dict[str, str]]) -> np.ndarray:
+    """The fused image + title + attributes vectors of the items (``fusion.ProductFusion``)."""
+    families = [family.name for family in enricher.taxonomy.attributes]
+    return enricher.fusion.fuse({
+        "image": embeddings,
+        "title": enricher.embedder.embed_texts([m["title"] for m in metadata]),
+        "attributes": enricher.embedder.embed_texts([attribute_text({f: m.get(f, "") for f in families})
+                                                     for m in metadata]),
+    })
+
+
 def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]) -> list[UnderstandingRecord]:
     """Understand, deduplicate, index and store the items not yet understood with this model."""
     done = {u.item_id for u in store.list_understandings([i.id for i in items], enricher.model_id)}
@@ -140,11 +162,15 @@ def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]
     if todo:
         images = [Image.open(item.image_path).convert("RGB") for item in todo]
         embeddings, understood = understand_images(enricher, images)
+        metadata = [index_metadata(item, u) for item, u in zip(todo, understood)]
+        ids = [item.id for item in todo]
         with locked_index(enricher.config.index_dir, embeddings.shape[1]) as index:
-            duplicates = near_duplicates(index, [item.id for item in todo], embeddings,
-                                         enricher.config.near_duplicate_above)
-            index.add([item.id for item in todo], embeddings,
-                      [index_metadata(item, u) for item, u in zip(todo, understood)])
+            duplicates = near_duplicates(index, ids, embeddings, enricher.config.near_duplicate_above)
+            index.add(ids, embeddings, metadata)
+            if enricher.fusion is not None:  # under the image index's lock too: one writer for both
+                vectors = product_vectors(enricher, todo, embeddings, metadata)
+                with locked_index(enricher.config.index_dir / PRODUCT_INDEX, vectors.shape[1]) as products:
+                    products.add(ids, vectors, metadata)
         store.add_understandings([
             NewUnderstanding(
                 item_id=item.id, kind=item.kind, embedding_model=enricher.model_id,

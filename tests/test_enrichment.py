@@ -15,8 +15,8 @@ from tests.test_clip_training import write_catalog
 
 
 def enrich_env(tmp_path: Path, models_dir: Path, open_clip_dir: Path, **overrides: str) -> dict[str, str]:
-    return make_env(tmp_path / "home", models_dir, GENSHOP_EMBEDDING_MODEL=str(open_clip_dir),
-                    GENSHOP_UNDERSTANDING="off", **overrides)
+    return make_env(tmp_path / "home", models_dir, **{"GENSHOP_EMBEDDING_MODEL": str(open_clip_dir),
+                                                      "GENSHOP_UNDERSTANDING": "off", **overrides})
 
 
 def index_files(env: dict[str, str]) -> dict[str, str]:
@@ -135,3 +135,18 @@ def test_bad_queries_are_refused_by_field_and_leave_the_index_untouched(tmp_path
         proc = run_cli(args, env)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stdout, proc.stderr)
     assert index_files(env) == before
+
+
+def test_with_a_product_vector_model_items_also_go_into_the_product_index(tmp_path, models_dir, open_clip_dir):
+    from genshop.understanding.fusion import ProductFusion
+    from tests.conftest import TINY_OPEN_CLIP
+
+    understanding = ProductFusion(TINY_OPEN_CLIP["model_cfg"]["embed_dim"]).save_pretrained(tmp_path / "understanding")
+    env = enrich_env(tmp_path, models_dir, open_clip_dir, GENSHOP_UNDERSTANDING=str(understanding))
+    write_catalog(tmp_path / "catalog.parquet", rows_per_pair=1)  # 12 products
+    cli_json(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
+    by_category = cli_json(["search", "watches", "--category", "--k", "20", "--json"], env)
+    by_image = cli_json(["search", "watches", "--k", "20", "--json"], env)
+    assert sorted(h["id"] for h in by_category) == sorted(h["id"] for h in by_image) and len(by_category) == 12
+    assert [h["id"] for h in by_category] != [h["id"] for h in by_image]  # a different vector ranks differently
+    assert (Path(env["GENSHOP_HOME"]) / "index" / "products" / "manifest.json").is_file()
