@@ -87,3 +87,28 @@ def eval_understanding(model, pretrained, data, heads, taxonomy, abstain_below, 
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
         stdout.print(f"report: {json_out}")
+
+
+@understand.command("images")
+@click.argument("images", type=click.Path(exists=True, dir_okay=False, path_type=Path), nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def understand_image_files(images, as_json) -> None:
+    """Categorize image files with the enrich stage the settings configure: path, attributes, title."""
+    import json
+
+    from genshop.enrichment import enrich_config_from_settings, load_enricher, understand_images
+    from genshop.settings import get_settings
+    from genshop.understanding.search import load_query_image
+
+    enricher = load_enricher(enrich_config_from_settings(get_settings()))
+    _, understood = understand_images(enricher, [load_query_image(path) for path in images])
+    if as_json:
+        click.echo(json.dumps([{"image": str(path), **u.model_dump()} for path, u in zip(images, understood)], indent=2))
+        return
+    table = Table("image", "category (confidence)", "attributes", "title")
+    for path, u in zip(images, understood):
+        path_text = " > ".join(f"{getattr(u, level).label or '?'} ({getattr(u, level).confidence:.2f})"
+                               for level in ("master_category", "sub_category", "article_type"))
+        attributes = ", ".join(f"{name}={score.label or '?'} ({score.confidence:.2f})" for name, score in u.attributes.items())
+        table.add_row(str(path), path_text, attributes, u.title)
+    stdout.print(table)

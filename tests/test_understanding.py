@@ -77,6 +77,10 @@ def test_hierarchy_gives_a_real_path_and_abstains_top_down(taxonomy):
     assert first.master_category.confidence >= first.sub_category.confidence >= first.article_type.confidence > 0.5
     assert first.attributes["colour"].label == "Red" and first.attributes["gender"].label == "Women"
     assert first.title == "Women Red Ethnic Kurtas"
+    from genshop.understanding.categorize import listing_title
+    assert listing_title("{gender} {colour} {usage} {article_type}",
+                  {"gender": "Men", "colour": "Black", "usage": "Casual", "article_type": "Casual Shoes"}) == \
+        "Men Black Casual Shoes"
     # the levels disagree (Accessories / Topwear / Wallets): the path stays consistent, confidence drops
     leaf = second.article_type.label or "?"
     parents = {a.name: (a.master_category, a.sub_category) for a in taxonomy.article_types}

@@ -97,9 +97,14 @@ def leaf_log_posterior(level_log_posteriors: Mapping[str, np.ndarray], taxonomy:
     return log_softmax(combined / temperature)
 
 
-def _title(template: str, fields: Mapping[str, str | None]) -> str:
-    words = template.format_map(_Blank({key: value or "" for key, value in fields.items()}))
-    return " ".join(words.split())
+def listing_title(template: str, fields: Mapping[str, str | None]) -> str:
+    """The template filled in; a value already part of another one ("Casual" beside "Casual Shoes") drops out."""
+    values = {key: value or "" for key, value in fields.items()}
+    for key, value in values.items():
+        if value and any(other != key and value.lower() in v.lower().split() + [v.lower()] and value != v
+                         for other, v in values.items()):
+            values[key] = ""
+    return " ".join(template.format_map(_Blank(values)).split())
 
 
 class _Blank(dict):
@@ -143,7 +148,7 @@ def understand(log_posteriors: Mapping[str, np.ndarray], taxonomy: Taxonomy, abs
             attributes[family.name] = LabelScore(label=None if low else sorted(family.values)[best],
                                                  confidence=confidence, abstained=low)
         fields = {name: score.label for name, score in {**path, **attributes}.items()}
-        items.append(ItemUnderstanding(**path, attributes=attributes, title=_title(taxonomy.title_template, fields)))
+        items.append(ItemUnderstanding(**path, attributes=attributes, title=listing_title(taxonomy.title_template, fields)))
     return items
 
 
