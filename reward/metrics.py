@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from genshop.metrics import expected_calibration_error as binned_calibration_error
+
 
 def _masked(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, scores.astype(np.float64), -np.inf)
@@ -74,15 +76,7 @@ def expected_calibration_error(scores: np.ndarray, mask: np.ndarray, chosen: np.
         return float("nan")
     p = choice_probabilities(scores[rows], mask[rows])
     confidence = p.max(axis=1)
-    credit = top_choice_credit(scores, mask, chosen)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            error += in_bin.mean() * abs(credit[in_bin].mean() - confidence[in_bin].mean())
-    return float(error)
+    return binned_calibration_error(confidence, top_choice_credit(scores, mask, chosen), bins)
 
 
 def bayes_expected_accuracy(probabilities: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from genshop.metrics import expected_calibration_error
 from genshop.understanding.categorize import (
     HIERARCHY,
     LinearHeads,
     calibrate,
-    expected_calibration_error,
     fit_linear_heads,
     fit_temperature,
     leaf_log_posterior,

@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from genshop.catalog_data import embed_catalog_images, read_catalog
 from genshop.embedding import EmbeddingConfig, load_embedder
 from genshop.evaluation.clip_eval import accuracy, weighted_f1
+from genshop.metrics import expected_calibration_error
 from genshop.understanding.categorize import (
     HIERARCHY,
     ItemUnderstanding,
     LinearHeads,
     ZeroShotClassifier,
-    expected_calibration_error,
     understand,
 )
 from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures, product_modalities

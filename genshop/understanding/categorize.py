@@ -72,18 +72,6 @@ def fit_temperature(log_posterior_at: Callable[[float], np.ndarray], targets: np
     return float(grid[int(np.argmin(losses))])
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / max(1, len(confidence)))
-
-
 def leaf_log_posterior(level_log_posteriors: Mapping[str, np.ndarray], taxonomy: Taxonomy,
                        temperature: float = 1.0) -> np.ndarray:
     """``[n, article types]``: the product of the three levels' posteriors along each leaf's path, renormalised."""
