@@ -469,15 +469,6 @@ class Store:
         with self.sessions.begin() as session:
             return len(session.execute(statement).all())
 
-    def get_catalog_products(self, ids: list[str]) -> list[CatalogProductRecord]:
-        with self.sessions() as session:
-            rows = session.scalars(select(CatalogProductRow).where(CatalogProductRow.id.in_(ids)))
-            return [CatalogProductRecord.model_validate(r, from_attributes=True) for r in rows]
-
-    def count_catalog_products(self) -> int:
-        with self.sessions() as session:
-            return session.scalar(select(func.count()).select_from(CatalogProductRow)) or 0
-
     # -- understandings ----------------------------------------------------------------
     def add_understandings(self, understandings: list[NewUnderstanding]) -> int:
         """Insert, skipping (item, embedding model) pairs already understood."""

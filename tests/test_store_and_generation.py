@@ -175,3 +175,28 @@ def test_scores_are_stored_once_per_item_group_and_model(store, loaded):
     assert store.add_scores(scores) == 4 and store.add_scores(scores[:1]) == 0
     stored = store.list_scores(record.id)
     assert [(s.group_id, s.score) for s in stored] == [("A", 0.0), ("B", 1.0), ("A", 1.0), ("B", 2.0)]
+
+
+def test_catalog_products_and_understandings_are_kept_once(store):
+    import numpy as np
+
+    from genshop.store import NewCatalogProduct, NewUnderstanding, catalog_product_id
+
+    product = NewCatalogProduct(product_id="15970", title="Turtle Check Men Navy Blue Shirt",
+                                attributes={"master_category": "Apparel", "colour": "Navy Blue"},
+                                image_sha256="ab" * 32, image_path="images/ab/ab/x.png")
+    assert store.add_catalog_products([product]) == 1
+    assert store.add_catalog_products([product]) == 0  # the same product id: nothing new
+    vector = np.linspace(-1, 1, 8, dtype="<f4")
+    understanding = NewUnderstanding(
+        item_id=catalog_product_id("15970"), kind="catalog", embedding_model="clip@abc", embedding=vector.tobytes(),
+        categories={"master_category": {"label": "Apparel", "confidence": 0.99, "abstained": False}},
+        attributes={"colour": {"label": "Navy Blue", "confidence": 0.7, "abstained": False}}, title="Men Navy Blue Shirts",
+        near_duplicate_of="other", near_duplicate_similarity=0.97)
+    assert store.add_understandings([understanding]) == 1
+    assert store.add_understandings([understanding.model_copy(update={"title": "changed"})]) == 0
+    assert store.add_understandings([understanding.model_copy(update={"embedding_model": "clip@def"})]) == 1
+    [kept] = store.list_understandings([catalog_product_id("15970")], "clip@abc")
+    assert kept.title == "Men Navy Blue Shirts" and kept.near_duplicate_similarity == pytest.approx(0.97)
+    np.testing.assert_array_equal(np.frombuffer(kept.embedding, dtype="<f4"), vector)
+    assert len(store.list_understandings([catalog_product_id("15970")])) == 2
