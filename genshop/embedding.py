@@ -16,6 +16,7 @@ exponentiated: similarity × logit_scale are the model's logits).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
@@ -179,6 +181,27 @@ def load_embedder(config: EmbeddingConfig) -> Embedder:
     if config.backend == "open_clip":
         return OpenClipEmbedder(config)
     return TransformersEmbedder(config)
+
+
+def _hash_file(digest, path: Path) -> None:
+    digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
+def embedder_fingerprint(config: EmbeddingConfig) -> str:
+    """A short hash of what determines the embeddings: backend, model files (contents), checkpoint."""
+    digest = hashlib.sha256(f"{config.backend}|".encode())
+    model = Path(config.model)
+    if model.is_dir():
+        for path in sorted(p for p in model.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+            _hash_file(digest, path)
+    else:
+        digest.update(config.model.encode())
+    if config.pretrained:
+        _hash_file(digest, Path(config.pretrained))
+    return digest.hexdigest()[:16]
 
 
 def read_open_clip_config(folder: str | Path) -> dict:

@@ -21,7 +21,6 @@ when catalogs grow.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
+from genshop.embedding import Embedder, EmbeddingConfig, embedder_fingerprint, load_embedder
 from genshop.store import ItemKind, NewCatalogProduct, NewUnderstanding, Store, UnderstandingRecord, catalog_product_id
 from genshop.understanding.categorize import HIERARCHY, ItemUnderstanding, LinearHeads, ZeroShotClassifier, understand
 from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
@@ -77,14 +76,6 @@ class ItemToEnrich:
     known: dict[str, str] | None = None  # the catalog's own labels, used as index metadata when given
 
 
-def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return f"{folder.name}@{digest.hexdigest()[:12]}"
-
-
 def enrich_config_from_settings(settings) -> EnrichConfig:
     """The enrich stage a deployment configured (``GENSHOP_EMBEDDING_MODEL``, ``..._UNDERSTANDING_HEADS``, ``..._INDEX_DIR``)."""
     if settings.embedding_model is None:
@@ -106,7 +97,7 @@ def load_enricher(config: EnrichConfig) -> Enricher:
     fusion = None
     if config.understanding is not None and (config.understanding / FUSION_CONFIG).is_file():
         fusion = ProductFusion.from_pretrained(config.understanding)
-    return Enricher(config, embedder, classifier, taxonomy, _fingerprint(Path(config.embedding.model)), fusion)
+    return Enricher(config, embedder, classifier, taxonomy, f"{Path(config.embedding.model).name}@{embedder_fingerprint(config.embedding)[:12]}", fusion)
 
 
 def understand_images(enricher: Enricher, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[ItemUnderstanding]]:

@@ -25,10 +25,9 @@ import torch
 from PIL import Image
 
 from genshop.catalog_data import decode_image
-from genshop.embedding import Embedder, EmbeddingConfig, load_embedder
+from genshop.embedding import Embedder, EmbeddingConfig, embedder_fingerprint, load_embedder
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
 
 
 class FeatureSource(Protocol):
@@ -40,27 +39,6 @@ class FeatureSource(Protocol):
     def item_embeddings(self, items: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray: ...
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-def _hash_file(digest, path: Path) -> None:
-    digest.update(f"{path.name}:{path.stat().st_size}:".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-
-
-def embedder_fingerprint(config: EmbeddingConfig) -> str:
-    """A short hash of what determines the embeddings: backend, model files (contents), checkpoint."""
-    digest = hashlib.sha256(f"{config.backend}|".encode())
-    model = Path(config.model)
-    if model.is_dir():
-        for path in sorted(p for p in model.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-            _hash_file(digest, path)
-    else:
-        digest.update(config.model.encode())
-    if config.pretrained:
-        _hash_file(digest, Path(config.pretrained))
-    return digest.hexdigest()[:16]
 
 
 class EmbeddingCache:
