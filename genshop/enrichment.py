@@ -35,7 +35,7 @@ from genshop.embedding import Embedder, EmbeddingConfig, embedder_fingerprint, l
 from genshop.store import ItemKind, NewCatalogProduct, NewUnderstanding, Store, UnderstandingRecord, catalog_product_id
 from genshop.understanding.categorize import HIERARCHY, ItemUnderstanding, LinearHeads, ZeroShotClassifier, understand
 from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
-from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, attribute_text
+from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, modality_embeddings
 from genshop.understanding.index import IndexConfig, VectorIndex
 from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
 
@@ -134,16 +134,11 @@ def index_metadata(item: ItemToEnrich, understood: ItemUnderstanding) -> dict[st
     return {**labels, "kind": item.kind, "title": item.title or understood.title, "image_path": str(item.image_path)}
 
 
-def product_vectors(enricher: Enricher, items: Sequence[ItemToEnrich], embeddings: np.ndarray,
-                    metadata: Sequence[dict[str, str]]) -> np.ndarray:
+def product_vectors(enricher: Enricher, embeddings: np.ndarray, metadata: Sequence[dict[str, str]]) -> np.ndarray:
     """The fused image + title + attributes vectors of the items (``fusion.ProductFusion``)."""
     families = [family.name for family in enricher.taxonomy.attributes]
-    return enricher.fusion.fuse({
-        "image": embeddings,
-        "title": enricher.embedder.embed_texts([m["title"] for m in metadata]),
-        "attributes": enricher.embedder.embed_texts([attribute_text({f: m.get(f, "") for f in families})
-                                                     for m in metadata]),
-    })
+    return enricher.fusion.fuse(modality_embeddings(enricher.embedder, embeddings, [m["title"] for m in metadata],
+                                                    [{f: m.get(f, "") for f in families} for m in metadata]))
 
 
 def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]) -> list[UnderstandingRecord]:
@@ -159,7 +154,7 @@ def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]
             duplicates = near_duplicates(index, ids, embeddings, enricher.config.near_duplicate_above)
             index.add(ids, embeddings, metadata)
             if enricher.fusion is not None:  # under the image index's lock too: one writer for both
-                vectors = product_vectors(enricher, todo, embeddings, metadata)
+                vectors = product_vectors(enricher, embeddings, metadata)
                 with locked_index(enricher.config.index_dir / PRODUCT_INDEX, vectors.shape[1]) as products:
                     products.add(ids, vectors, metadata)
         store.add_understandings([

@@ -33,7 +33,7 @@ from genshop.understanding.categorize import (
     ZeroShotClassifier,
     understand,
 )
-from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures, product_modalities
+from genshop.understanding.fitting import DEFAULT_TAXONOMY, catalog_modalities, load_zero_shot_temperatures
 from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, category_retrieval_map
 from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
 
@@ -59,9 +59,10 @@ class UnderstandingEvalReport(BaseModel):
     retrieval: dict[str, float] = Field(default_factory=dict, description="category → product mAP per vector")
 
 
-def understanding_metrics(items: list[ItemUnderstanding], confident: list[ItemUnderstanding], frame,
+def understanding_metrics(items: list[ItemUnderstanding], abstain_below: float, frame,
                           taxonomy: Taxonomy) -> dict[str, float]:
-    """``items``: predictions with abstaining off; ``confident``: the same at the product's threshold."""
+    """``items``: predictions with abstaining off. Confidences shrink down the path (nested marginals), so
+    the article type is answered at the product's threshold exactly when its confidence reaches it."""
     metrics: dict[str, float] = {}
     for level in LEVELS:
         predicted = [getattr(item, level).label for item in items]
@@ -78,7 +79,7 @@ def understanding_metrics(items: list[ItemUnderstanding], confident: list[ItemUn
     correct = np.array([item.article_type.label == truth for item, truth in zip(items, frame["article_type"])])
     confidence = np.array([item.article_type.confidence for item in items])
     metrics["article_type_ece"] = expected_calibration_error(confidence, correct)
-    answered = np.array([not item.article_type.abstained for item in confident])
+    answered = confidence >= abstain_below
     metrics["article_type_coverage"] = float(answered.mean())
     metrics["article_type_selective_accuracy"] = float(correct[answered].mean()) if answered.any() else 0.0
     return metrics
@@ -101,14 +102,13 @@ def evaluate_understanding(config: UnderstandingEvalConfig,
         log_posteriors = classifier.log_posteriors(embeddings)
         temperature = classifier.temperatures.get(HIERARCHY, 1.0)
         items = understand(log_posteriors, taxonomy, abstain_below=0.0, hierarchy_temperature=temperature)
-        confident = understand(log_posteriors, taxonomy, config.abstain_below, hierarchy_temperature=temperature)
-        metrics[classifier.kind] = understanding_metrics(items, confident, frame, taxonomy)
+        metrics[classifier.kind] = understanding_metrics(items, config.abstain_below, frame, taxonomy)
         report(classifier.kind, 1, 1)
     classes, labels = classifiers[0].class_embeddings["article_type"], classifiers[0].labels["article_type"]
     retrieval = {"image_map": category_retrieval_map(embeddings, frame["article_type"], classes, labels)}
     if config.heads is not None and (config.heads / FUSION_CONFIG).is_file():
         fusion = ProductFusion.from_pretrained(config.heads)
-        modalities = product_modalities(embedder, frame, embeddings)
+        modalities = catalog_modalities(embedder, frame, embeddings, taxonomy)
         retrieval["product_vector_map"] = category_retrieval_map(fusion.fuse(modalities), frame["article_type"],
                                                                  classes, labels)
         without_title = fusion.fuse({m: v for m, v in modalities.items() if m != "title"})

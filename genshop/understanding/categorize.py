@@ -154,7 +154,23 @@ def label_targets(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 
 # ---------------------------------------------------------------- the classifiers
 
-class ZeroShotClassifier:
+class Classifier:
+    """What both classifiers share: per-output ``scores``, a ``posterior`` at a temperature, fitted ``temperatures``."""
+
+    temperatures: dict[str, float]
+
+    def scores(self, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def posterior(self, name: str, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        raise NotImplementedError
+
+    def log_posteriors(self, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: self.posterior(name, scores, self.temperatures.get(name, 1.0))
+                for name, scores in self.scores(image_embeddings).items()}
+
+
+class ZeroShotClassifier(Classifier):
     """Prompt-ensemble class embeddings per output, scored with a scale and the taxonomy's label prior."""
 
     kind = "zero-shot"
@@ -180,12 +196,9 @@ class ZeroShotClassifier:
         """The temperature divides the similarity term only: the prior stays Bayes' prior."""
         return log_softmax(self.scale / temperature * scores + self.log_priors[name])
 
-    def log_posteriors(self, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: self.posterior(name, scores, self.temperatures.get(name, 1.0))
-                for name, scores in self.scores(image_embeddings).items()}
 
 
-class LinearHeads:
+class LinearHeads(Classifier):
     """Top-tuning: a linear softmax head per output on frozen, unit-length image embeddings."""
 
     kind = "top-tuned"
@@ -204,9 +217,6 @@ class LinearHeads:
     def posterior(self, name: str, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         return log_softmax(scores / temperature)
 
-    def log_posteriors(self, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: self.posterior(name, scores, self.temperatures.get(name, 1.0))
-                for name, scores in self.scores(image_embeddings).items()}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file

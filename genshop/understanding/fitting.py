@@ -25,12 +25,11 @@ from genshop.embedding import EmbeddingConfig, load_embedder
 from genshop.settings import REPO_ROOT
 from genshop.understanding.categorize import (ZeroShotClassifier, calibrate, fit_linear_heads, label_targets,
                                               output_labels)
-from genshop.understanding.fusion import attribute_text, fit_fusion
-from genshop.understanding.taxonomy import UNKNOWN_VALUES, load_taxonomy
+from genshop.understanding.fusion import fit_fusion, modality_embeddings
+from genshop.understanding.taxonomy import load_taxonomy
 
 DEFAULT_TAXONOMY = REPO_ROOT / "configs" / "understanding" / "taxonomy.yaml"
 ZERO_SHOT_CALIBRATION = "zero_shot_calibration.json"
-ATTRIBUTE_COLUMNS = ("gender", "colour", "usage")  # the attribute modality of the product vector
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -52,12 +51,10 @@ def load_zero_shot_temperatures(folder: str | Path | None) -> dict[str, float]:
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
 
-def product_modalities(embedder, frame, image_embeddings: np.ndarray) -> dict[str, np.ndarray]:
-    """The three modalities of catalog rows: image embeddings (given), title and attribute-text embeddings."""
-    attributes = [attribute_text({f: row[f] for f in ATTRIBUTE_COLUMNS if row[f] not in UNKNOWN_VALUES})
-                  for row in frame[list(ATTRIBUTE_COLUMNS)].to_dict("records")]
-    return {"image": image_embeddings, "title": embedder.embed_texts(list(frame["title"])),
-            "attributes": embedder.embed_texts(attributes)}
+def catalog_modalities(embedder, frame, image_embeddings: np.ndarray, taxonomy) -> dict[str, np.ndarray]:
+    """The product vector's modalities of catalog rows, the attributes being the taxonomy's families."""
+    families = [family.name for family in taxonomy.attributes if family.name in frame.columns]
+    return modality_embeddings(embedder, image_embeddings, frame["title"], frame[families].to_dict("records"))
 
 
 def fit_understanding(config: FitConfig, progress: ProgressCallback | None = None) -> Path:
@@ -86,7 +83,7 @@ def fit_understanding(config: FitConfig, progress: ProgressCallback | None = Non
     report("calibrating", 1, 1)
 
     report("fitting the product vector", 0, 1)
-    modalities = product_modalities(embedder, frame, embeddings)
+    modalities = catalog_modalities(embedder, frame, embeddings, taxonomy)
     fusion = fit_fusion({m: v[fit_rows] for m, v in modalities.items()},
                         label_targets(frame["article_type"].iloc[fit_rows], zero_shot.labels["article_type"]),
                         zero_shot.class_embeddings["article_type"], embedder.logit_scale, seed=config.seed)

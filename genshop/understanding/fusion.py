@@ -14,11 +14,13 @@ Saved as ``fusion.safetensors`` + ``fusion_config.json`` in the understanding fo
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from genshop.understanding.taxonomy import UNKNOWN_VALUES
 
 MODALITIES = ("image", "title", "attributes")
 FUSION_CONFIG = "fusion_config.json"
@@ -26,8 +28,15 @@ FUSION_WEIGHTS = "fusion.safetensors"
 
 
 def attribute_text(attributes: Mapping[str, str]) -> str:
-    """The attribute modality as text: "Women, Red, Ethnic" (values of the known attributes, in a fixed order)."""
-    return ", ".join(value for key, value in sorted(attributes.items()) if value)
+    """The attribute modality as text: "Red, Women" (values of the known attributes, in a fixed order)."""
+    return ", ".join(value for key, value in sorted(attributes.items()) if value and value not in UNKNOWN_VALUES)
+
+
+def modality_embeddings(embedder, image_embeddings: np.ndarray, titles: Sequence[str],
+                        attributes: Sequence[Mapping[str, str]]) -> dict[str, np.ndarray]:
+    """The three modalities of items: their image embeddings (given), title and attribute-text embeddings."""
+    return {"image": image_embeddings, "title": embedder.embed_texts(list(titles)),
+            "attributes": embedder.embed_texts([attribute_text(a) for a in attributes])}
 
 
 class ProductFusion(torch.nn.Module):
