@@ -297,12 +297,18 @@ def _register_model_commands() -> None:
     from genshop.cli_train import eval_clip, train_clip
     from genshop.cli_catalog import catalog, search
     from genshop.cli_understand import understand
+    from genshop.cli_experiments import export, import_group, report
+    from genshop.cli_tune import tune
 
     main.add_command(reward)
     main.add_command(understand)
     main.add_command(catalog)
     main.add_command(search)
     main.add_command(simulate)
+    main.add_command(export)
+    main.add_command(import_group, "import")
+    main.add_command(report)
+    main.add_command(tune)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)

@@ -21,15 +21,17 @@ DIRECTORY = click.Path(file_okay=False, path_type=Path)
 @click.option("--out", type=DIRECTORY, required=True, help="run folder; the pipeline lands in OUT/pipeline")
 @click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), default="configs/generator/train-mini.json",
               show_default=True, help="training recipe JSON (GeneratorTrainingConfig fields)")
+@click.option("--vae", type=click.Path(exists=True, file_okay=False), default=None,
+              help="a trained AutoencoderKL folder to reuse (skips the VAE stage)")
 @click.option("--vae-steps", type=int, default=None)
 @click.option("--unet-steps", type=int, default=None, help="0 trains the VAE stage only")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-def train_generator(data, clip, out, recipe, vae_steps, unet_steps, threads) -> None:
+def train_generator(data, clip, out, recipe, vae, vae_steps, unet_steps, threads) -> None:
     """Train the small latent text-to-image model (VAE, then UNet) in the Stable Diffusion layout; resumes."""
     from genshop.training.generator import GeneratorTrainingConfig
     from genshop.training.generator import train_generator as run
 
-    config = GeneratorTrainingConfig.from_recipe(recipe, data=[str(p) for p in data], clip=str(clip), out=str(out),
+    config = GeneratorTrainingConfig.from_recipe(recipe, data=[str(p) for p in data], clip=str(clip), out=str(out), vae=vae,
                                                  vae_steps=vae_steps, unet_steps=unet_steps, threads=threads)
     with _progress_bar() as bar:
         tasks = {}

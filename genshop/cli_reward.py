@@ -80,13 +80,16 @@ def import_command(source, out, catalog, groups, append, source_default) -> None
 
 @reward.command("train")
 @click.option("--impressions", type=FILE, multiple=True, required=True, help="impressions Parquet (repeatable)")
-@click.option("--catalog", type=FILE, multiple=True, required=True, help="catalog parquet with the items' images")
+@click.option("--catalog", type=FILE, multiple=True,
+              help="catalog parquet with the images of items named by product id (items that are image paths need none)")
 @click.option("--clip", type=FOLDER, required=True, help="CLIP folder (open_clip or transformers), e.g. runs/clip-mini/model")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="run folder: model/, log.jsonl, curves.png")
 @click.option("--groups", type=FILE, default=DEFAULT_GROUPS, show_default=True)
 @click.option("--config", "recipe", type=FILE, default=None, help="training recipe JSON (RewardTrainingConfig fields)")
 @click.option("--group-agnostic", is_flag=True, help="train the group-agnostic baseline of the same size")
+@click.option("--split", type=click.Choice(["items", "impressions"]), default=None,
+              help="hold out items (default) or impressions (few items, e.g. an A/B import)")
 @click.option("--loss", type=click.Choice(["listwise", "pairwise", "mixed"]), default=None)
 @click.option("--epochs", "max_epochs", type=int, default=None, help="at most this many epochs (early stopping may end sooner)")
 @click.option("--batch-size", type=int, default=None)
@@ -95,14 +98,14 @@ def import_command(source, out, catalog, groups, append, source_default) -> None
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
 @click.option("--device", default="auto", show_default=True, help="device of the CLIP that embeds the items")
 @click.option("--seed", type=int, default=None)
-def train_command(impressions, catalog, clip, out_dir, groups, recipe, group_agnostic, loss, max_epochs, batch_size,
+def train_command(impressions, catalog, clip, out_dir, groups, recipe, group_agnostic, split, loss, max_epochs, batch_size,
                   learning_rate, cache_dir, threads, device, seed) -> None:
     """Train a group reward model on impressions (frozen CLIP features, early stopping on held-out items)."""
     from reward.training import RewardTrainingConfig, train_reward
 
     fields = json.loads(recipe.read_text(encoding="utf-8")) if recipe else {}
     overrides = {"loss": loss, "max_epochs": max_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                 "cache_dir": cache_dir, "threads": threads, "seed": seed}
+                 "cache_dir": cache_dir, "threads": threads, "seed": seed, "split": split}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if group_agnostic:
         fields["use_groups"] = False

@@ -3,7 +3,8 @@
 Variants are denoised in fixed batches (``plan_batches``), each variant with its own
 ``torch.Generator`` seeded ``brief.seed + variant``, so a variant's image depends only
 on the brief, its index and the model: a resumed brief regenerates exactly the images
-it would have made. Knows nothing of Celery or the database.
+it would have made. A brief's target groups take turns over its variants; a group with
+a LoRA gets its variants from the base pipeline with that adapter switched in. Knows nothing of Celery or the database.
 """
 
 from __future__ import annotations
@@ -52,8 +53,22 @@ def variant_seed(brief_seed: int, variant: int) -> int:
     return (brief_seed + variant) % (MAX_SEED + 1)
 
 
-def plan_batches(variants: int, batch_size: int) -> list[list[int]]:
-    return [list(range(start, min(start + batch_size, variants))) for start in range(0, variants, batch_size)]
+def variant_group(brief: Brief, variant: int) -> str | None:
+    """The target group a variant is made for: the brief's groups take turns (none: no group)."""
+    return brief.groups[variant % len(brief.groups)] if brief.groups else None
+
+
+def plan_batches(brief: Brief, batch_size: int, tuned_groups=frozenset()) -> list[tuple[str | None, list[int]]]:
+    """Batches of variants, each with the group whose LoRA makes it (None: the base model).
+
+    Without tuned groups this is simply consecutive variants in batches of ``batch_size``;
+    with them, variants are batched per adapter so one pipeline call uses one adapter."""
+    by_adapter: dict[str | None, list[int]] = {}
+    for variant in range(brief.variants):
+        group = variant_group(brief, variant)
+        by_adapter.setdefault(group if group in tuned_groups else None, []).append(variant)
+    return [(adapter, variants[start:start + batch_size])
+            for adapter, variants in by_adapter.items() for start in range(0, len(variants), batch_size)]
 
 
 def generate_batch(

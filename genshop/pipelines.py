@@ -1,7 +1,8 @@
 """Diffusers pipelines from presets: ``from_pretrained`` and nothing else reads weights.
 
 ``load_pipeline(preset)`` resolves the preset's folder or hub id and calls the
-pipeline class's ``from_pretrained``. Presets with ``random_init`` are first built from
+pipeline class's ``from_pretrained``, then loads every group LoRA under
+``GENSHOP_ADAPTERS`` onto it (``genshop.adapters``). Presets with ``random_init`` are first built from
 their component configs (seeded, so every machine gets the same weights) and saved
 with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint.
 """
@@ -12,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +32,15 @@ class LoadedPipeline:
     model_id: str
     revision: str
     device: str
+    adapters: dict[str, Path] = field(default_factory=dict)  # group id → LoRA folder, loaded on the pipeline
+
+    def identity(self, group_id: str | None) -> tuple[str, str]:
+        """(model id, revision) of what makes a variant for ``group_id``: base, or base plus the group's LoRA."""
+        if group_id in self.adapters:
+            from genshop.adapters import adapter_fingerprint
+
+            return f"{self.model_id}+lora:{group_id}", f"{self.revision}+{adapter_fingerprint(self.adapters[group_id])}"
+        return self.model_id, self.revision
 
 
 def resolve_device(requested: str | None = None) -> str:
@@ -122,5 +132,8 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
         diffusers.utils.logging.set_verbosity(previous)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from genshop.adapters import load_group_adapters
+
+    adapters = load_group_adapters(pipe, get_settings().adapters_dir)
     return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{Path(location).name}",
-                          revision=weights_revision(location, preset), device=device)
+                          revision=weights_revision(location, preset), device=device, adapters=adapters)

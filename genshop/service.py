@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from genshop.adapters import use_group
 from genshop.briefs import Brief, resolve_brief
 from genshop.generation import GenerationCancelled, generate_batch, plan_batches
 from genshop.pipelines import LoadedPipeline
@@ -65,7 +66,7 @@ def run_brief(
     if record.status != "running":
         return record
     brief = record.brief
-    batches = plan_batches(brief.variants, loaded.preset.defaults.batch_size)
+    batches = plan_batches(brief, loaded.preset.defaults.batch_size, frozenset(loaded.adapters))
     done = store.existing_variants(brief_id)
     last_write = time.monotonic()  # the first progress report comes progress_interval_s in, or at a batch's end
 
@@ -79,9 +80,11 @@ def run_brief(
                 on_progress(progress)
 
     try:
-        for index, variants in enumerate(batches):
+        for index, (adapter_group, variants) in enumerate(batches):
             if set(variants) <= done:
                 continue
+            use_group(loaded.pipeline, adapter_group, loaded.adapters)
+            model_id, revision = loaded.identity(adapter_group)
 
             def on_step(step: int, steps: int, index=index) -> None:
                 report(Progress(variants_done=len(done), variants_total=brief.variants, step=step, steps=steps,
@@ -97,7 +100,7 @@ def run_brief(
                     brief_id=brief_id, variant=generated.variant, prompt=generated.prompt,
                     negative_prompt=generated.negative_prompt, seed=generated.seed, steps=brief.steps,
                     guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
-                    model_id=loaded.model_id, model_revision=loaded.revision, image_sha256=sha, image_path=path,
+                    model_id=model_id, model_revision=revision, image_sha256=sha, image_path=path,
                     timings=generated.timings,
                 ))
             store.add_items(new_items)

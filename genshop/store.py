@@ -20,7 +20,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, Field
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, event, func, select, update)
+                        UniqueConstraint, create_engine, delete, event, func, select, update)
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -130,6 +130,35 @@ class UnderstandingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ExperimentRow(Base):
+    """An A/B export (``genshop export ab``): its manifest and where its files are."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    manifest: Mapped[dict] = mapped_column(JSON)
+    export_dir: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AbResultRow(Base):
+    """One listing's funnel counts for one customer group in an experiment (``genshop import ab-results``)."""
+
+    __tablename__ = "ab_results"
+    __table_args__ = (UniqueConstraint("experiment_id", "listing_id", "group_id", name="uq_ab_result"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    listing_id: Mapped[str] = mapped_column(String(64))
+    arm: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str] = mapped_column(String(64))
+    impressions: Mapped[int] = mapped_column(BigInteger)
+    clicks: Mapped[int] = mapped_column(BigInteger)
+    add_to_carts: Mapped[int] = mapped_column(BigInteger)
+    purchases: Mapped[int] = mapped_column(BigInteger)
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class BriefRecord(BaseModel):
     id: str
     client_reference: str | None
@@ -219,6 +248,26 @@ class UnderstandingRecord(NewUnderstanding):
     created_at: datetime
 
 
+class ExperimentRecord(BaseModel):
+    id: str
+    manifest: dict[str, Any] = Field(description="the export's manifest.json, as written")
+    export_dir: str
+    created_at: datetime
+
+
+class AbResult(BaseModel):
+    """Funnel counts of one listing for one group; the import validates them against the manifest."""
+
+    experiment_id: str
+    listing_id: str
+    arm: str
+    group_id: str
+    impressions: int = Field(ge=0)
+    clicks: int = Field(ge=0)
+    add_to_carts: int = Field(ge=0)
+    purchases: int = Field(ge=0)
+
+
 def catalog_product_id(product_id: str) -> str:
     """Deterministic id of a catalog product: importing the same catalog twice adds nothing."""
     return uuid.uuid5(ITEM_NAMESPACE, f"catalog/{product_id}").hex
@@ -274,6 +323,10 @@ def _to_record(row: BriefRow) -> BriefRecord:
 
 
 class UnknownBriefError(LookupError):
+    pass
+
+
+class UnknownExperimentError(LookupError):
     pass
 
 
@@ -487,6 +540,53 @@ class Store:
             query = query.where(UnderstandingRow.embedding_model == embedding_model)
         with self.sessions() as session:
             return [UnderstandingRecord.model_validate(r, from_attributes=True) for r in session.scalars(query)]
+
+    # -- catalog reads -------------------------------------------------------------------
+    def list_catalog_products(self) -> list[CatalogProductRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(CatalogProductRow).order_by(CatalogProductRow.product_id))
+            return [CatalogProductRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    # -- experiments ---------------------------------------------------------------------
+    def save_experiment(self, experiment_id: str, manifest: dict[str, Any], export_dir: str) -> ExperimentRecord:
+        """Record an export; re-exporting an experiment (``--force``) replaces its manifest,
+        unless results were already imported against the old one."""
+        with self.sessions.begin() as session:
+            row = session.get(ExperimentRow, experiment_id)
+            if row is not None:
+                imported = session.scalar(select(func.count()).select_from(AbResultRow)
+                                          .where(AbResultRow.experiment_id == experiment_id)) or 0
+                if imported:
+                    raise ValueError(f"experiment {experiment_id!r} already has {imported} imported result rows; "
+                                     "export under a new experiment id")
+                row.manifest, row.export_dir = manifest, export_dir
+            else:
+                row = ExperimentRow(id=experiment_id, manifest=manifest, export_dir=export_dir, created_at=utcnow())
+                session.add(row)
+            session.flush()
+            return ExperimentRecord.model_validate(row, from_attributes=True)
+
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord:
+        with self.sessions() as session:
+            row = session.get(ExperimentRow, experiment_id)
+            if row is None:
+                raise UnknownExperimentError(f"no experiment with id {experiment_id!r}")
+            return ExperimentRecord.model_validate(row, from_attributes=True)
+
+    def replace_ab_results(self, experiment_id: str, results: list[AbResult]) -> int:
+        """Store an experiment's results in one transaction, replacing any imported before."""
+        rows = [{**r.model_dump(), "imported_at": utcnow()} for r in results]
+        with self.sessions.begin() as session:
+            session.execute(delete(AbResultRow).where(AbResultRow.experiment_id == experiment_id))
+            if rows:
+                session.execute(self._insert()(AbResultRow).values(rows))
+        return len(rows)
+
+    def list_ab_results(self, experiment_id: str) -> list[AbResult]:
+        with self.sessions() as session:
+            rows = session.scalars(select(AbResultRow).where(AbResultRow.experiment_id == experiment_id)
+                                   .order_by(AbResultRow.arm, AbResultRow.listing_id, AbResultRow.group_id))
+            return [AbResult.model_validate(r, from_attributes=True) for r in rows]
 
     def _insert(self):
         """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite and PostgreSQL)."""

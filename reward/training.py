@@ -38,7 +38,7 @@ from reward.impressions import read_impression_files
 from reward.losses import impression_loss
 from reward.metrics import accuracy, log_loss
 from reward.model import RewardModel, RewardModelConfig
-from reward.splits import split_by_items
+from reward.splits import is_held_out, split_by_items
 
 TRAINING_ITEMS = "training_items.txt"
 
@@ -73,6 +73,9 @@ class RewardTrainingConfig(BaseModel):
     max_epochs: int = Field(default=40, ge=1)
     patience: int = Field(default=5, ge=1, description="epochs without a better held-out loss before stopping")
     holdout_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of items held out for early stopping")
+    split: Literal["items", "impressions"] = Field(
+        default="items", description="hold out items (the default), or impressions when there are too few items "
+                                     "for an item split (an A/B import shows a handful of listings per brief)")
     group_dropout: float = Field(default=0.15, ge=0, le=1, description="share of training rows shown as the population")
     grad_clip: float = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -133,10 +136,15 @@ def train_reward(config: RewardTrainingConfig, progress: ProgressCallback | None
     unknown = sorted(set(frame["group_id"]) - {g.id for g in groups})
     if unknown:
         raise ValueError(f"impressions name groups {unknown} that {config.groups} does not declare")
-    train_rows, held_rows = split_by_items(frame["items"].tolist(), config.holdout_fraction)
+    if config.split == "items":
+        train_rows, held_rows = split_by_items(frame["items"].tolist(), config.holdout_fraction)
+    else:
+        held_rows = np.array([is_held_out(i, config.holdout_fraction) for i in frame["impression_id"]], dtype=bool)
+        train_rows = ~held_rows
     if not train_rows.any() or not held_rows.any():
-        raise ValueError(f"the item split left {train_rows.sum()} training and {held_rows.sum()} held-out impressions; "
-                         f"simulate with pools or change holdout_fraction")
+        raise ValueError(f"the {config.split} split left {train_rows.sum()} training and {held_rows.sum()} held-out "
+                         "impressions; simulate with pools, change holdout_fraction, or (few items, as in an A/B "
+                         "import) split by impressions")
     if features is None:
         if config.embedding is None:
             raise ValueError("no embedding config and no feature source given")

@@ -81,8 +81,10 @@ def test_adding_a_variant_twice_keeps_one_item(store):
 def test_redelivered_brief_generates_only_missing_variants(store, loaded):
     record, _ = submit_brief(store, parse_brief({"title": "A", "variants": 12, "seed": 3}), "tiny-random")
     store.start_attempt(record.id, max_attempts=2)  # a first delivery whose worker died after batch 1
-    first_batch = plan_batches(12, loaded.preset.defaults.batch_size)[0]
-    images = generate_batch(loaded, store.get_brief(record.id).brief, first_batch)
+    brief = store.get_brief(record.id).brief
+    adapter, first_batch = plan_batches(brief, loaded.preset.defaults.batch_size)[0]
+    assert adapter is None and first_batch == list(range(loaded.preset.defaults.batch_size))
+    images = generate_batch(loaded, brief, first_batch)
     kept = {}
     for generated in images:
         sha, path = store.images.put(generated.image)

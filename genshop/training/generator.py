@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class GeneratorTrainingConfig(BaseModel):
     checkpoint_every: int = 250
     sample_every: int = 2000
     max_items: int | None = Field(default=None, description="use only the first N catalog rows (quick runs, tests)")
+    save_dtype: Literal["float32", "float16"] = Field(
+        default="float16", description="weights of the saved pipeline (from_pretrained loads them as float32 unless told)")
     seed: int = 0
     threads: int | None = None
 
@@ -327,6 +330,14 @@ def plot_generator_curves(out: Path) -> Path:
     return path
 
 
+def compute_in_float32(config_file: Path) -> None:
+    """Half-precision weights, float32 compute: diffusers casts its models to float32 when no
+    dtype is asked for, transformers follows the config's dtype, so that must say float32 too."""
+    data = json.loads(config_file.read_text())
+    data.update({key: "float32" for key in ("torch_dtype", "dtype") if key in data})
+    config_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def train_generator(config: GeneratorTrainingConfig, progress: ProgressCallback | None = None) -> Path:
     """Run (or resume) both stages and write ``out/pipeline``; returns that folder
     (or ``out`` itself when ``unet_steps`` is 0: the VAE stage alone)."""
@@ -363,6 +374,8 @@ def train_generator(config: GeneratorTrainingConfig, progress: ProgressCallback 
     unet, text_encoder, tokenizer, scheduler_config = train_unet(config, vae, (mean, std), rows_as_dicts(frame), out,
                                                                  progress)
     pipeline = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler_config)
+    pipeline.to(dtype=getattr(torch, config.save_dtype))
     pipeline.save_pretrained(out / "pipeline", safe_serialization=True)
+    compute_in_float32(out / "pipeline" / "text_encoder" / "config.json")
     plot_generator_curves(out)
     return out / "pipeline"

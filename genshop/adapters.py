@@ -1,0 +1,82 @@
+"""One LoRA per customer group on the UNet: add, save in the diffusers LoRA format, load, switch.
+
+A group's adapter folder holds ``pytorch_lora_weights.safetensors`` as written by
+``StableDiffusionPipeline.save_lora_weights``, so plain diffusers loads it with
+``pipe.load_lora_weights(folder)``. An adapters root holds one folder per group
+(``ADAPTERS/<group id>/``); ``load_group_adapters`` puts them all on the one loaded
+pipeline under the names ``group_<id>``, and ``use_group`` switches between them (or back
+to the base model) without reloading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def adapter_name(group_id: str) -> str:
+    return f"group_{group_id}"
+
+
+def add_group_adapter(unet, group_id: str, rank: int = 4, alpha: float | None = None) -> list[torch.nn.Parameter]:
+    """A fresh LoRA on the UNet's attention projections (B = 0: the model is unchanged); returns its parameters."""
+    from peft import LoraConfig
+
+    name = adapter_name(group_id)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                target_modules=list(TARGET_MODULES)), adapter_name=name)
+    unet.set_adapter(name)
+    return [p for n, p in unet.named_parameters() if f".{name}." in n]
+
+
+def lora_state_dict(unet, group_id: str) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name(group_id)))
+
+
+def save_group_adapter(unet, group_id: str, folder: str | Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet, group_id).items()}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True)
+    return folder / LORA_WEIGHTS
+
+
+def available_adapters(root: str | Path | None) -> dict[str, Path]:
+    """Group id → adapter folder, for every ``root/<group>/pytorch_lora_weights.safetensors``."""
+    if root is None or not Path(root).is_dir():
+        return {}
+    return {path.parent.name: path.parent for path in sorted(Path(root).glob(f"*/{LORA_WEIGHTS}"))}
+
+
+def load_group_adapters(pipeline, root: str | Path | None) -> dict[str, Path]:
+    """Load every group adapter under ``root`` onto the pipeline (inactive until ``use_group``)."""
+    adapters = available_adapters(root)
+    for group_id, folder in adapters.items():
+        pipeline.load_lora_weights(str(folder), adapter_name=adapter_name(group_id))
+    if adapters:
+        pipeline.disable_lora()
+    return adapters
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    return hashlib.sha256((folder / LORA_WEIGHTS).read_bytes()).hexdigest()[:12]
+
+
+def use_group(pipeline, group_id: str | None, adapters: dict[str, Path]) -> bool:
+    """Switch the pipeline to the group's adapter; a group without one gets the base model. True if tuned."""
+    if group_id in adapters:
+        pipeline.enable_lora()
+        pipeline.set_adapters([adapter_name(group_id)])
+        return True
+    if adapters:
+        pipeline.disable_lora()
+    return False
