@@ -8,15 +8,20 @@ import math
 import shutil
 import sqlite3
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from genshop.experiments.manifest import Arm, ExperimentInputError, assign_arm, file_sha256, inside, parse_arms
-from genshop.experiments.readout import relative_uplift
+from genshop.experiments.manifest import (Arm, ExperimentInputError, Manifest, ManifestArm, ManifestItem, assign_arm,
+                                         file_sha256, inside, parse_arms)
+from genshop.experiments.readout import relative_uplift, sample_ratio_check
+from genshop.experiments.simulation import AbSimulationConfig, simulate_ab
+from genshop.store import AbResult
 from genshop.experiments.results import largest_remainder
 from reward.synthetic import write_synthetic_catalog
+from genshop.settings import REPO_ROOT
 from tests.conftest import cli_json, make_env, run_cli
 
 BRIEFS = (
@@ -233,20 +238,37 @@ def test_largest_remainder_keeps_the_total_and_the_proportions():
     assert counts.sum() == 10 and sorted(counts.tolist()) == [3, 3, 4]
 
 
-def test_a_skewed_split_is_flagged_as_sample_ratio_mismatch(tmp_path, experiment_home):
-    env, _ = experiment_home
-    cli_json(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(tmp_path / "exp-3"),
-              "--json"], env)
-    results = tmp_path / "results.parquet"
-    assert run_cli(["simulate", "ab", "exp-3", "--customers", "4000", "--out", str(results)], env).returncode == 0
-    assert run_cli(["import", "ab-results", str(results)], env).returncode == 0
-    assert not cli_json(["report", "ab", "exp-3", "--json"], env)["srm"]["mismatch"]
+def _synthetic_manifest(salt: str) -> Manifest:
+    """Two briefs; control shows 2 catalog listings per brief, base 5 generated ones (unequal on purpose)."""
+    items = {}
+    for brief, colour in (("Men's black tshirt", "Black"), ("Women's red kurta", "Red")):
+        for arm, count in (("control", 2), ("base", 5)):
+            for n in range(count):
+                items[f"{arm}-{brief[:3]}-{n}"] = ManifestItem(
+                    arm=arm, brief=brief, brief_colour=colour, image=f"images/{arm}{n}.png",
+                    attributes={"colour": colour if n % 2 else "Blue", "article_type": "Tshirts", "usage": "Casual",
+                                "gender": "Men"})
+    return Manifest(experiment_id="exp-srm", created_at=datetime.now(timezone.utc), salt=salt, control="control",
+                    arms=[ManifestArm(name="control", selector="catalog", listings=4),
+                          ManifestArm(name="base", selector="generated", listings=10)],
+                    groups=["A", "B"], briefs=["b1", "b2"], listings_file="listings.parquet", items=items,
+                    model_versions={}, reward_models=[], files={})
 
-    skewed = pd.read_parquet(results)
-    control = skewed["arm"] == "control"
-    for column in ("impressions", "clicks", "add_to_carts", "purchases"):
-        skewed.loc[control, column] = skewed.loc[control, column] // 2  # half the control's traffic went missing
-    skewed.to_parquet(tmp_path / "skewed.parquet", index=False)
-    assert run_cli(["import", "ab-results", str(tmp_path / "skewed.parquet"), "--replace"], env).returncode == 0
-    srm = cli_json(["report", "ab", "exp-3", "--json"], env)["srm"]
-    assert srm["mismatch"] and srm["p_value"] < 1e-6
+
+def test_the_sample_ratio_check_counts_customers_and_flags_a_skewed_split():
+    """Page views, not clustered impressions, are the randomized unit: under the design the
+    check stays quiet across salts (alpha = 0.001), and losing half the control's traffic is flagged."""
+    config = AbSimulationConfig(groups=REPO_ROOT / "configs" / "groups.yaml", customers=3000)
+    flagged, skewed_p = 0, []
+    for salt in range(12):
+        manifest = _synthetic_manifest(f"salt-{salt}")
+        frame = simulate_ab(manifest, config.model_copy(update={"seed": salt}))
+        check = sample_ratio_check(manifest, [AbResult(**row) for row in frame.to_dict("records")])
+        flagged += check.mismatch
+        assert sum(check.observed.values()) == pytest.approx(3000, abs=0.1)  # every customer is one page view
+        control = frame["arm"] == "control"
+        for column in ("impressions", "clicks", "add_to_carts", "purchases"):
+            frame.loc[control, column] = frame.loc[control, column] // 2  # half the control's traffic went missing
+        skewed_p.append(sample_ratio_check(manifest, [AbResult(**row) for row in frame.to_dict("records")]).p_value)
+    assert flagged <= 1  # 0.012 expected; the old impression-level test flagged 2 of these 12
+    assert max(skewed_p) < 1e-6

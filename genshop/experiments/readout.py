@@ -4,14 +4,15 @@
 - Relative uplift of an arm over control, ``p_arm / p_control - 1``, with a 95% confidence
   interval from the delta method on the log of the ratio (``var log p = (1 - p) / successes``)
   and the two-sided p-value of the pooled two-proportion z-test.
-- Sample-ratio mismatch: a chi-square test of impressions per arm against the shares the
-  design implies (arm weight x its number of listings, since a customer assigned to an arm
-  is shown that arm's listings for the brief they browse); flagged below p = 0.001.
+- Sample-ratio mismatch: a chi-square test of page views per arm (a customer assigned to an
+  arm sees all of its listings for the brief they browse, so views per brief and arm are the
+  mean impressions of those listings) against the arms' weights; flagged below p = 0.001.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ class ArmReadout(BaseModel):
 
 
 class SampleRatioCheck(BaseModel):
-    observed: dict[str, int]
+    observed: dict[str, float] = Field(description="page views per arm")
     expected_share: dict[str, float]
     chi2: float
     p_value: float
@@ -100,14 +101,28 @@ def _readouts(results: list[AbResult], arms: list[str], control: str, group: str
 
 
 def sample_ratio_check(manifest: Manifest, results: list[AbResult]) -> SampleRatioCheck:
-    observed = {arm.name: 0 for arm in manifest.arms}
+    """Chi-square of page views per arm against the arms' weights.
+
+    The unit of randomization is the customer, not the impression: one page view shows all
+    of an arm's listings for a brief at once, so impressions come in clusters and a test on
+    them would flag mismatches that are not there. Page views per (brief, arm) are the mean
+    impressions of its listings; an arm's expected share is its weight times the number of
+    briefs it has listings for.
+    """
+    listings: Counter[tuple[str, str]] = Counter((item.brief, item.arm) for item in manifest.items.values())
+    impressions: Counter[tuple[str, str]] = Counter()
     for result in results:
-        observed[result.arm] += result.impressions
-    design = np.array([arm.weight * arm.listings for arm in manifest.arms], dtype=float)
+        impressions[manifest.items[result.listing_id].brief, result.arm] += result.impressions
+    observed = {arm.name: 0.0 for arm in manifest.arms}
+    for (brief, arm), count in impressions.items():
+        observed[arm] += count / listings[brief, arm]
+    briefs_per_arm = Counter(arm for _, arm in listings)
+    design = np.array([arm.weight * briefs_per_arm[arm.name] for arm in manifest.arms], dtype=float)
     share = design / design.sum()
-    counts = np.array(list(observed.values()), dtype=float)
+    counts = np.array(list(observed.values()))
     chi2, p_value = (stats.chisquare(counts, share * counts.sum()) if counts.sum() else (0.0, 1.0))
-    return SampleRatioCheck(observed=observed, expected_share=dict(zip(observed, share.round(6).tolist())),
+    return SampleRatioCheck(observed={arm: round(views, 2) for arm, views in observed.items()},
+                            expected_share=dict(zip(observed, share.round(6).tolist())),
                             chi2=float(chi2), p_value=float(p_value), mismatch=bool(p_value < SRM_ALPHA))
 
 
