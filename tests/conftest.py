@@ -107,6 +107,22 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120, cwd: Pat
                           timeout=timeout, cwd=cwd)
 
 
+def invoke_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The real click command run in this process (no interpreter start, no torch import per
+    call), with ``env`` as the environment and fresh settings: for checks of input errors."""
+    from click.testing import CliRunner
+
+    from genshop.cli import main
+    from genshop.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, args, env=env)
+    finally:
+        get_settings.cache_clear()
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def cli_json(args: list[str], env: dict[str, str], expect_rc: int = 0) -> dict:
     proc = run_cli(args, env)
     assert proc.returncode == expect_rc, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"

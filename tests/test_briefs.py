@@ -9,7 +9,7 @@ import pytest
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, BriefError, load_brief_file, parse_brief, resolve_brief
 from genshop.presets import load_preset
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 def fields_of(error: BriefError) -> set[str]:
@@ -78,7 +78,7 @@ def test_cli_rejects_bad_input_with_exit_2_and_changes_nothing(name, env, tmp_pa
     content, field = BAD_FILES[name]
     path = tmp_path / name
     path.write_bytes(content)
-    proc = run_cli(["submit", str(path), "--json"], env)
+    proc = invoke_cli(["submit", str(path), "--json"], env)
     assert proc.returncode == 2, proc.stderr
     assert field in proc.stderr and name in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -22,7 +22,7 @@ from genshop.store import AbResult
 from genshop.experiments.results import largest_remainder
 from reward.synthetic import write_synthetic_catalog
 from genshop.settings import REPO_ROOT
-from tests.conftest import cli_json, make_env, run_cli
+from tests.conftest import cli_json, invoke_cli, make_env, run_cli
 
 BRIEFS = (
     {"title": "Men's black tshirt", "article_type": "Tshirts", "colour": "Black", "gender": "Men", "groups": ["A", "C"],
@@ -146,9 +146,9 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
 def test_bad_results_are_refused_row_by_row_and_nothing_is_stored(tmp_path, experiment_home):
     env, _ = experiment_home
     out = tmp_path / "exp-2"
-    cli_json(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(out), "--json"], env)
+    assert invoke_cli(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(out)], env).returncode == 0
     results = tmp_path / "results.csv"
-    assert run_cli(["simulate", "ab", "exp-2", "--customers", "500", "--out", str(results)], env).returncode == 0
+    assert invoke_cli(["simulate", "ab", "exp-2", "--customers", "500", "--out", str(results)], env).returncode == 0
     good = pd.read_csv(results, dtype={"listing_id": str})
     bad = good.copy()
     bad.loc[0, "clicks"] = -1
@@ -160,7 +160,7 @@ def test_bad_results_are_refused_row_by_row_and_nothing_is_stored(tmp_path, expe
     bad.to_csv(tmp_path / "bad.csv", index=False)
     db = Path(env["GENSHOP_HOME"]) / "genshop.db"
 
-    proc = run_cli(["import", "ab-results", str(tmp_path / "bad.csv")], env)
+    proc = invoke_cli(["import", "ab-results", str(tmp_path / "bad.csv")], env)
     assert proc.returncode == 2
     for expected in ("row 1: clicks", "row 2: listing_id 'no-such-listing'", "row 3: arm", "row 4: group_id 'Z'",
                      "row 5: clicks", f"row {len(bad)}: listing"):
@@ -169,13 +169,13 @@ def test_bad_results_are_refused_row_by_row_and_nothing_is_stored(tmp_path, expe
 
     wrong_experiment = good.assign(experiment_id="exp-unknown")
     wrong_experiment.to_csv(tmp_path / "unknown.csv", index=False)
-    proc = run_cli(["import", "ab-results", str(tmp_path / "unknown.csv")], env)
+    proc = invoke_cli(["import", "ab-results", str(tmp_path / "unknown.csv")], env)
     assert proc.returncode == 2 and "'exp-unknown' is unknown" in proc.stderr
 
-    assert run_cli(["import", "ab-results", str(results)], env).returncode == 0
-    again = run_cli(["import", "ab-results", str(results)], env)
+    assert invoke_cli(["import", "ab-results", str(results)], env).returncode == 0
+    again = invoke_cli(["import", "ab-results", str(results)], env)
     assert again.returncode == 2 and "--replace" in again.stderr and _rows(db, "ab_results") == len(good)
-    assert run_cli(["import", "ab-results", str(results), "--replace"], env).returncode == 0
+    assert invoke_cli(["import", "ab-results", str(results), "--replace"], env).returncode == 0
     assert _rows(db, "ab_results") == len(good)
 
 
@@ -193,7 +193,7 @@ def test_export_input_errors_name_the_field_and_write_nothing(tmp_path, experime
     ]
     for args, message in cases:
         out = tmp_path / "exports" / "x"
-        proc = run_cli(["export", "ab", *args, "--out", str(out)], env)
+        proc = invoke_cli(["export", "ab", *args, "--out", str(out)], env)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
     assert _rows(Path(env["GENSHOP_HOME"]) / "genshop.db", "experiments") == 0
