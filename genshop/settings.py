@@ -30,7 +30,8 @@ class Settings(BaseModel):
     configs_dir: Path = Field(description="GENSHOP_CONFIGS: folder of YAML presets and model configs")
     queue: str = Field(description="GENSHOP_QUEUE: the Celery queue for generation tasks")
     score_queue: str = Field(description="GENSHOP_SCORE_QUEUE: the Celery queue for reward scoring tasks")
-    reward_model: Path | None = Field(description="GENSHOP_REWARD_MODEL: reward model folder; empty: no scoring")
+    reward_model: Path | None = Field(description="GENSHOP_REWARD_MODEL: reward model folder (default: the "
+                                                  "bundle's); 'off': no scoring")
     enrich_queue: str = Field(description="GENSHOP_ENRICH_QUEUE: the Celery queue for enrich tasks")
     embedding_model: Path | None = Field(description="GENSHOP_EMBEDDING_MODEL: CLIP folder of the enrich stage "
                                                      "(default: the bundle's); 'off': no enrich stage")
@@ -81,7 +82,7 @@ def get_settings() -> Settings:
         configs_dir=Path(_env("GENSHOP_CONFIGS", str(REPO_ROOT / "configs"))).resolve(),
         queue=_env("GENSHOP_QUEUE", "generate"),
         score_queue=_env("GENSHOP_SCORE_QUEUE", "score"),
-        reward_model=Path(os.environ["GENSHOP_REWARD_MODEL"]).resolve() if os.environ.get("GENSHOP_REWARD_MODEL") else None,
+        reward_model=_optional_path("GENSHOP_REWARD_MODEL", BUNDLE_DIR / "reward"),
         enrich_queue=_env("GENSHOP_ENRICH_QUEUE", "enrich"),
         embedding_model=_optional_path("GENSHOP_EMBEDDING_MODEL", BUNDLE_DIR / "clip"),
         understanding=_optional_path("GENSHOP_UNDERSTANDING", BUNDLE_DIR / "understanding"),

@@ -166,6 +166,10 @@ class RewardModel(nn.Module):
         config = RewardModelConfig.model_validate(json.loads(config_path.read_text(encoding="utf-8")))
         if config.format_version != MODEL_FORMAT_VERSION:
             raise ValueError(f"{directory}: reward model format {config.format_version} is not supported")
+        embedding = config.embedding
+        if embedding and not Path(embedding.model).is_absolute() and (directory / embedding.model).is_dir():
+            # a shipped model names its CLIP relative to its own folder ("../clip")
+            config.embedding = embedding.model_copy(update={"model": str((directory / embedding.model).resolve())})
         model = cls(config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return model.to(device).eval()

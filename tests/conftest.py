@@ -80,6 +80,7 @@ def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
         "GENSHOP_QUEUE": f"test-{uuid.uuid4().hex[:10]}",
         "GENSHOP_ENRICH_QUEUE": f"test-enrich-{uuid.uuid4().hex[:10]}",
         "GENSHOP_EMBEDDING_MODEL": "off",
+        "GENSHOP_REWARD_MODEL": "off",
         "GENSHOP_BROKER_URL": TEST_REDIS_URL,
         "GENSHOP_TORCH_THREADS": "1",
         "PYTHONUNBUFFERED": "1",

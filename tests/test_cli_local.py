@@ -12,14 +12,19 @@ from tests.conftest import cli_json, free_port, run_cli, write_brief
 
 
 def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
-    env = {**env, "GENSHOP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GENSHOP_PRESET": "mini"}
-    proc = run_cli(["demo", "--out", str(tmp_path / "demo")], env, timeout=300)
+    """The embedded defaults (mini generator, the bundle's reward model), run from another folder."""
+    env = {k: v for k, v in env.items() if k not in ("GENSHOP_PRESET", "GENSHOP_REWARD_MODEL")}
+    env["GENSHOP_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    proc = run_cli(["demo", "--out", str(tmp_path / "demo")], env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     sheet = Image.open(tmp_path / "demo" / "contact-sheet.png")
     assert sheet.width > 500 and sheet.height > 3 * 128
     db = sqlite3.connect(tmp_path / "demo" / "genshop.db")
     assert db.execute("select status, count(*) from briefs group by status").fetchall() == [("succeeded", 3)]
     assert db.execute("select count(*) from items").fetchone()[0] == 16
+    # every variant scored for every target group of its brief: kurta 8 x (A, B), wallet 4 x A, shoes 4 x B
+    assert db.execute("select group_id, count(*) from scores group by group_id order by group_id").fetchall() == [
+        ("A", 12), ("B", 12)]
     assert "contact sheet" in proc.stdout
 
 
