@@ -132,9 +132,10 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
     second = cli_json(["submit", str(again), "--local", "--json"], env)["brief_id"]
     base_model = cli_json(["results", brief_ids[0], "--json"], env)["items"][0]["model_id"]
     next_round = cli_json(["export", "ab", "--briefs", f"{brief_ids[0]},{second}", "--arms",
-                           f"base=model:{base_model},tuned=model:{base_model}+lora:A", "--out",
+                           f"base=model:{base_model},tuned=model:{base_model}+lora:A,catalog=catalog", "--out",
                            str(tmp_path / "exports" / "exp-2"), "--json"], env)
-    assert [(a["name"], a["listings"]) for a in next_round["arms"]] == [("base", 3), ("tuned", 3)]
+    # two briefs with one title are one page: the catalog arm shows one set of products for it
+    assert [(a["name"], a["listings"]) for a in next_round["arms"]] == [("base", 3), ("tuned", 3), ("catalog", 3)]
     assert all("+lora:A@" in version for version in next_round["model_versions"]["tuned"])
     assert run_cli(["simulate", "ab", "exp-2", "--customers", "2000", "--out", str(tmp_path / "r2.parquet")],
                    env).returncode == 0

@@ -198,10 +198,14 @@ def export_ab(store: Store, config: ExportConfig, progress: ProgressCallback | N
 
     selected: list[tuple[Listing, Path]] = []
     for arm in config.arms:
-        arm_listings = []
+        arm_listings, pages = [], set()
         for brief in briefs:
-            arm_listings += (catalog_listings(store, arm, brief, products, salt) if arm.kind == "catalog"
-                             else generated_listings(store, arm, brief))
+            if arm.kind == "catalog":  # one page of real products per brief title, however many briefs share it
+                if brief.title not in pages:
+                    arm_listings += catalog_listings(store, arm, brief, products, salt)
+                pages.add(brief.title)
+            else:
+                arm_listings += generated_listings(store, arm, brief)
         if not arm_listings:
             issues.append(f"arm {arm.name!r} ({arm.selector}): selects no listings for these briefs")
         selected += arm_listings
