@@ -33,13 +33,12 @@ class LoadedPipeline:
     revision: str
     device: str
     adapters: dict[str, Path] = field(default_factory=dict)  # group id → LoRA folder, loaded on the pipeline
+    adapter_revisions: dict[str, str] = field(default_factory=dict)  # group id → fingerprint of the loaded weights
 
     def identity(self, group_id: str | None) -> tuple[str, str]:
         """(model id, revision) of what makes a variant for ``group_id``: base, or base plus the group's LoRA."""
         if group_id in self.adapters:
-            from genshop.adapters import adapter_fingerprint
-
-            return f"{self.model_id}+lora:{group_id}", f"{self.revision}+{adapter_fingerprint(self.adapters[group_id])}"
+            return f"{self.model_id}+lora:{group_id}", f"{self.revision}+{self.adapter_revisions[group_id]}"
         return self.model_id, self.revision
 
 
@@ -132,8 +131,9 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
         diffusers.utils.logging.set_verbosity(previous)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    from genshop.adapters import load_group_adapters
+    from genshop.adapters import adapter_fingerprint, load_group_adapters
 
-    adapters = load_group_adapters(pipe, get_settings().adapters_dir)
+    adapters = load_group_adapters(pipe, get_settings().adapters_dir)  # hashed once here, not per batch
     return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{Path(location).name}",
-                          revision=weights_revision(location, preset), device=device, adapters=adapters)
+                          revision=weights_revision(location, preset), device=device, adapters=adapters,
+                          adapter_revisions={group: adapter_fingerprint(folder) for group, folder in adapters.items()})

@@ -177,17 +177,13 @@ def preference_step(unet, noise_scheduler, latents: torch.Tensor, conditioning: 
 
 # ---------------------------------------------------------------- grids and curves
 
-def sample_grid(pipeline, briefs: list[Brief], path: Path, seeds=(0, 1, 2, 3)) -> Path:
-    from genshop.contact_sheet import save_contact_sheet
+def brief_grid(pipeline, briefs: list[Brief], path: Path) -> Path:
+    """The first six briefs' prompts, four seeds each (the generator's sample grid)."""
+    from genshop.training.generator import sample_grid
 
-    rows = []
-    for brief in briefs[:6]:
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        images = pipeline([build_prompt(brief)] * len(seeds), num_inference_steps=brief.steps,
-                          guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
-                          generator=generators).images
-        rows.append((brief.title, images))
-    return save_contact_sheet(rows, path)
+    first = briefs[0]
+    return sample_grid(pipeline, first.width, first.height, path, [build_prompt(b) for b in briefs[:6]],
+                       steps=first.steps, guidance=first.guidance_scale)
 
 
 def plot_tune_curves(log: Path, path: Path) -> Path:
@@ -248,7 +244,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     total = config.rounds * config.steps_per_round
     if not (out / "samples-before.png").is_file():
         unet.disable_adapters()
-        sample_grid(pipeline, briefs, out / "samples-before.png")
+        brief_grid(pipeline, briefs, out / "samples-before.png")
         unet.enable_adapters()
 
     scorer = None if config.preferences else load_scorer(config.reward)
@@ -308,6 +304,6 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     (adapter / "genshop_adapter.json").write_text(json.dumps({
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
         "base_revision": loaded.revision, "steps": step, "beta": config.beta, "rank": config.rank}, indent=2))
-    sample_grid(pipeline, briefs, out / "samples-after.png")
+    brief_grid(pipeline, briefs, out / "samples-after.png")
     plot_tune_curves(log, out / "curves.png")
     return adapter
