@@ -71,17 +71,13 @@ def _progress_bar() -> Progress:
 
 
 def _brief_json(record: BriefRecord, store: Store, with_items: bool) -> dict:
+    from genshop.service import item_details
+
     data = {"brief_id": record.id, **record.model_dump(mode="json")}
-    items = store.list_items(record.id)
+    items = item_details(store, record.id) if with_items else store.list_items(record.id)
     data["items_count"] = len(items)
     if with_items:
-        scores: dict[str, list] = {}
-        for score in store.list_scores(record.id):
-            scores.setdefault(score.item_id, []).append(score.model_dump(mode="json", exclude={"item_id", "created_at"}))
-        understood = {u.item_id: u.model_dump(mode="json", exclude={"item_id", "embedding", "created_at"})
-                      for u in store.list_understandings([item.id for item in items])}
-        data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path)),
-                          "scores": scores.get(item.id, []), "understanding": understood.get(item.id)}
+        data["items"] = [{**item.model_dump(mode="json"), "image_path": str(store.images.path(item.image_path))}
                          for item in items]
     return data
 
@@ -182,6 +178,22 @@ def _supervise(argv: list[str], restart_delay_s: float = 1.0) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve the designers' HTTP API (/api, OpenAPI at /docs) and the web gallery (/)."""
+    import uvicorn
+
+    from genshop.web.app import create_app
+
+    settings = get_settings()
+    if not settings.api_tokens:
+        raise click.ClickException("no API tokens: set GENSHOP_API_TOKENS='designer:TOKEN,...' or "
+                                   "GENSHOP_API_TOKENS_FILE (a YAML mapping of designer to token)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--wait", is_flag=True, help="wait for the brief to finish, showing progress")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
@@ -209,15 +221,9 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
                 record = run_locally(store, record.id, models, None if as_json else _brief_progress_callback(bar, record))
     else:
         if created:
-            from workers.app import check_broker, enqueue_generation
+            from genshop.service import enqueue_brief
 
-            try:
-                check_broker()
-                store.mark_enqueued(record.id, enqueue_generation(record.id))
-            except Exception:
-                store.delete_queued_brief(record.id)
-                raise
-            record = store.get_brief(record.id)
+            record = enqueue_brief(store, record.id)
         if wait:
             record = _wait(store, record, show=not as_json)
     if as_json:
@@ -261,15 +267,7 @@ def cancel(brief_id: str, as_json: bool) -> None:
     from genshop.service import cancel_brief
 
     store = _store()
-    record = cancel_brief(store, brief_id)
-    if record.task_id and record.status == "cancelled":
-        from workers.app import app
-
-        try:
-            app.control.revoke(record.task_id)
-        except Exception:  # noqa: BLE001 - the store's flag already stops it
-            pass
-    _print_record(record, store, as_json)
+    _print_record(cancel_brief(store, brief_id, revoke=True), store, as_json)
 
 
 @main.command()

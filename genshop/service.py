@@ -17,7 +17,7 @@ from genshop.briefs import Brief, resolve_brief
 from genshop.generation import GenerationCancelled, generate_batch, plan_batches
 from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
-from genshop.store import BriefRecord, ItemRecord, NewItem, Store
+from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord
 
 
 class Progress(BaseModel):
@@ -37,12 +37,52 @@ class BriefWithItems(BaseModel):
     items: list[ItemRecord]
 
 
-def submit_brief(store: Store, brief: Brief, preset_name: str) -> tuple[BriefRecord, bool]:
+class ItemScore(BaseModel):
+    group_id: str
+    reward_model: str
+    score: float
+    population_fallback: bool
+
+
+class ItemUnderstanding(BaseModel):
+    kind: str
+    embedding_model: str
+    categories: dict
+    attributes: dict
+    title: str
+    near_duplicate_of: str | None
+    near_duplicate_similarity: float | None
+
+
+class ItemDetails(ItemRecord):
+    """A generated item with what the later stages added: per-group scores, understanding."""
+
+    scores: list[ItemScore]
+    understanding: ItemUnderstanding | None
+
+
+def submit_brief(store: Store, brief: Brief, preset_name: str, designer: str | None = None,
+                 max_queued: int | None = None) -> tuple[BriefRecord, bool]:
     """Resolve the brief against the preset (raises ``BriefError``) and store it as queued.
-    Returns (record, created); a known client reference returns the first brief."""
+    Returns (record, created); a known client reference returns the first brief. A
+    ``designer`` owns the brief, and may have at most ``max_queued`` queued (``QueueLimitError``)."""
     if brief.client_reference and (existing := store.find_by_reference(brief.client_reference)):
         return existing, False
-    return store.create_brief(resolve_brief(brief, load_preset(preset_name)), preset_name)
+    return store.create_brief(resolve_brief(brief, load_preset(preset_name)), preset_name, designer, max_queued)
+
+
+def enqueue_brief(store: Store, brief_id: str) -> BriefRecord:
+    """Put a stored, queued brief on the generation queue. If the broker cannot take it,
+    the brief is deleted again and the error raised: nothing is left half-submitted."""
+    from workers.app import check_broker, enqueue_generation
+
+    try:
+        check_broker()
+        store.mark_enqueued(brief_id, enqueue_generation(brief_id))
+    except Exception:
+        store.delete_queued_brief(brief_id)
+        raise
+    return store.get_brief(brief_id)
 
 
 def run_brief(
@@ -134,9 +174,50 @@ def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: flo
     return requeued
 
 
-def cancel_brief(store: Store, brief_id: str) -> BriefRecord:
-    return store.request_cancel(brief_id)
+def cancel_brief(store: Store, brief_id: str, revoke: bool = False) -> BriefRecord:
+    """Cancel a brief: a queued one at once, a running one at its next denoising step.
+    With ``revoke``, a cancelled brief's queue message is also revoked, so no worker
+    takes it (the store's flag alone already makes a worker discard it)."""
+    record = store.request_cancel(brief_id)
+    if revoke and record.task_id and record.status == "cancelled":
+        from workers.app import app
+
+        try:
+            app.control.revoke(record.task_id)
+        except Exception:  # noqa: BLE001 - the store's flag already stops it
+            pass
+    return record
 
 
 def brief_with_items(store: Store, brief_id: str) -> BriefWithItems:
     return BriefWithItems(brief=store.get_brief(brief_id), items=store.list_items(brief_id))
+
+
+def _understanding(record: UnderstandingRecord) -> ItemUnderstanding:
+    return ItemUnderstanding.model_validate(record.model_dump(exclude={"item_id", "embedding", "created_at"}))
+
+
+def item_details(store: Store, brief_id: str) -> list[ItemDetails]:
+    """The brief's items, each with its per-group reward scores and its understanding."""
+    items = store.list_items(brief_id)
+    scores: dict[str, list[ItemScore]] = {}
+    for score in store.list_scores(brief_id):
+        scores.setdefault(score.item_id, []).append(ItemScore.model_validate(score.model_dump()))
+    understood = {u.item_id: _understanding(u) for u in store.list_understandings([item.id for item in items])}
+    return [ItemDetails(**item.model_dump(), scores=scores.get(item.id, []), understanding=understood.get(item.id))
+            for item in items]
+
+
+def same_design(item: ItemRecord) -> tuple:
+    """What makes two items the same design made by two models: prompt, seed and settings."""
+    return item.prompt, item.negative_prompt, item.seed, item.steps, item.guidance_scale, item.width, item.height
+
+
+def counterparts(items: list[ItemRecord], others: list[ItemRecord]) -> dict[str, list[ItemRecord]]:
+    """For each item, the items among ``others`` with the same design from a different model
+    (base vs a group's LoRA): item id → those items, for side-by-side comparison."""
+    by_design: dict[tuple, list[ItemRecord]] = {}
+    for other in others:
+        by_design.setdefault(same_design(other), []).append(other)
+    return {item.id: [o for o in by_design.get(same_design(item), []) if o.model_id != item.model_id]
+            for item in items}

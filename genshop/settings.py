@@ -11,7 +11,8 @@ import os
 from functools import cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "genshop-mini"
@@ -47,6 +48,10 @@ class Settings(BaseModel):
     visibility_timeout: int = Field(description="GENSHOP_VISIBILITY_TIMEOUT: seconds before an unacked task is redelivered")
     max_attempts: int = Field(description="GENSHOP_MAX_ATTEMPTS: deliveries of one brief before it is failed")
     requeue_after: int = Field(description="GENSHOP_REQUEUE_AFTER: seconds untouched before a worker requeues a brief")
+    api_tokens: dict[str, SecretStr] = Field(description="designer → API token, from GENSHOP_API_TOKENS_FILE (YAML "
+                                                         "mapping) and GENSHOP_API_TOKENS ('alice:TOKEN,bob:TOKEN')")
+    api_max_queued: int = Field(description="GENSHOP_API_MAX_QUEUED: queued briefs one designer may have")
+    api_max_upload_bytes: int = Field(description="GENSHOP_API_MAX_UPLOAD_BYTES: largest request body (image uploads)")
 
     @property
     def worker_queues(self) -> list[str]:
@@ -63,6 +68,22 @@ def _env(name: str, default: str) -> str:
 def _optional_path(name: str, default: Path | None) -> Path | None:
     value = _env(name, str(default) if default else "")
     return None if value in ("", OFF) else Path(value).expanduser().resolve()
+
+
+def _api_tokens() -> dict[str, SecretStr]:
+    """Designer → token: the YAML file's mapping, then the variable's ``designer:token`` pairs."""
+    tokens: dict[str, str] = {}
+    if file := _env("GENSHOP_API_TOKENS_FILE", ""):
+        loaded = yaml.safe_load(Path(file).expanduser().read_text()) or {}
+        if not isinstance(loaded, dict) or not all(isinstance(v, str) and v for v in loaded.values()):
+            raise ValueError(f"GENSHOP_API_TOKENS_FILE {file}: expected a mapping of designer → token")
+        tokens.update({str(k): v for k, v in loaded.items()})
+    for pair in filter(None, (p.strip() for p in _env("GENSHOP_API_TOKENS", "").split(","))):
+        designer, sep, token = pair.partition(":")
+        if not sep or not designer.strip() or not token.strip():
+            raise ValueError(f"GENSHOP_API_TOKENS: {pair.split(':')[0]!r}... is not 'designer:token'")
+        tokens[designer.strip()] = token.strip()
+    return {designer: SecretStr(token) for designer, token in tokens.items()}
 
 
 @cache
@@ -95,4 +116,7 @@ def get_settings() -> Settings:
         visibility_timeout=visibility,
         requeue_after=int(_env("GENSHOP_REQUEUE_AFTER", str(visibility + visibility // 2))),
         max_attempts=int(_env("GENSHOP_MAX_ATTEMPTS", "2")),
+        api_tokens=_api_tokens(),
+        api_max_queued=int(_env("GENSHOP_API_MAX_QUEUED", "10")),
+        api_max_upload_bytes=int(_env("GENSHOP_API_MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))),
     )

@@ -60,6 +60,18 @@ class BriefRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class BriefDesignerRow(Base):
+    """Who submitted a brief through the HTTP API (briefs from the CLI have no row).
+
+    A table of its own, not a column of ``briefs``, so databases made before the API
+    gain it from ``create_all`` without a migration."""
+
+    __tablename__ = "brief_designers"
+
+    brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), primary_key=True)
+    designer: Mapped[str] = mapped_column(String(64), index=True)
+
+
 class ItemRow(Base):
     __tablename__ = "items"
     __table_args__ = (UniqueConstraint("brief_id", "variant", name="uq_item_brief_variant"),)
@@ -326,6 +338,10 @@ class UnknownBriefError(LookupError):
     pass
 
 
+class QueueLimitError(RuntimeError):
+    """A designer already has as many queued briefs as they may."""
+
+
 class UnknownExperimentError(LookupError):
     pass
 
@@ -353,10 +369,14 @@ class Store:
                     raise
 
     # -- briefs -----------------------------------------------------------------------
-    def create_brief(self, brief: Brief, preset: str) -> tuple[BriefRecord, bool]:
+    def create_brief(self, brief: Brief, preset: str, designer: str | None = None,
+                     max_queued: int | None = None) -> tuple[BriefRecord, bool]:
         """Store a resolved brief as queued. Returns (record, created); a known
         ``client_reference`` returns the first brief and ``created=False`` (the unique
-        constraint decides, so concurrent submissions of one reference make one brief)."""
+        constraint decides, so concurrent submissions of one reference make one brief).
+
+        With a ``designer``, the brief is recorded as theirs, and with ``max_queued`` it is
+        refused (``QueueLimitError``) if they already have that many briefs queued."""
         row = BriefRow(
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
@@ -364,13 +384,26 @@ class Store:
         )
         try:
             with self.sessions.begin() as session:
+                if designer is not None and max_queued is not None:
+                    queued = session.scalar(select(func.count()).select_from(BriefRow).join(BriefDesignerRow).where(
+                        BriefDesignerRow.designer == designer, BriefRow.status == "queued")) or 0
+                    if queued >= max_queued:
+                        raise QueueLimitError(f"designer {designer!r} already has {queued} queued briefs "
+                                              f"(the limit is {max_queued}); wait for some to start")
                 session.add(row)
+                if designer is not None:
+                    session.flush()
+                    session.add(BriefDesignerRow(brief_id=row.id, designer=designer))
         except IntegrityError:
             existing = self.find_by_reference(brief.client_reference) if brief.client_reference else None
             if existing is None:
                 raise
             return existing, False
         return _to_record(row), True
+
+    def designer_of(self, brief_id: str) -> str | None:
+        with self.sessions() as session:
+            return session.scalar(select(BriefDesignerRow.designer).where(BriefDesignerRow.brief_id == brief_id))
 
     def find_by_reference(self, reference: str) -> BriefRecord | None:
         with self.sessions() as session:
@@ -384,11 +417,13 @@ class Store:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)
 
-    def list_briefs(self, status: str | None = None) -> list[BriefRecord]:
+    def list_briefs(self, status: str | None = None, designer: str | None = None) -> list[BriefRecord]:
         with self.sessions() as session:
             query = select(BriefRow).order_by(BriefRow.created_at)
             if status:
                 query = query.where(BriefRow.status == status)
+            if designer is not None:
+                query = query.join(BriefDesignerRow).where(BriefDesignerRow.designer == designer)
             return [_to_record(r) for r in session.scalars(query)]
 
     def delete_queued_brief(self, brief_id: str) -> None:
@@ -493,6 +528,12 @@ class Store:
             rows = session.scalars(select(ItemRow).where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant))
             return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
 
+    def get_items(self, item_ids: list[str]) -> list[ItemRecord]:
+        """The generated items among ``item_ids`` (other ids, such as catalog products', are left out)."""
+        with self.sessions() as session:
+            rows = session.scalars(select(ItemRow).where(ItemRow.id.in_(item_ids)))
+            return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
+
     # -- scores -----------------------------------------------------------------------
     def add_scores(self, scores: list[NewScore]) -> int:
         """Insert scores, skipping (item, group, model) triples already scored."""
@@ -521,6 +562,11 @@ class Store:
                      .on_conflict_do_nothing(index_elements=["product_id"]).returning(CatalogProductRow.id))
         with self.sessions.begin() as session:
             return len(session.execute(statement).all())
+
+    def get_catalog_products(self, ids: list[str]) -> list[CatalogProductRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(CatalogProductRow).where(CatalogProductRow.id.in_(ids)))
+            return [CatalogProductRecord.model_validate(r, from_attributes=True) for r in rows]
 
     # -- understandings ----------------------------------------------------------------
     def add_understandings(self, understandings: list[NewUnderstanding]) -> int:

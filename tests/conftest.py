@@ -197,3 +197,79 @@ def open_clip_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-open-clip")
     write_tiny_open_clip(folder)
     return folder
+
+
+ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (kept by CI; ignored by git)
+API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol"}
+
+
+def write_random_group_adapter(folder: Path) -> Path:
+    """A LoRA for the tiny-random model's UNet with random weights, so the tuned images differ from the base ones."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from genshop.adapters import add_group_adapter, save_group_adapter
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+
+    unet = UNet2DConditionModel.from_pretrained(Path(ensure_weights(load_preset("tiny-random"))) / "unet")
+    torch.manual_seed(0)
+    for parameter in add_group_adapter(unet, "A"):
+        torch.nn.init.normal_(parameter, std=0.5)
+    return save_group_adapter(unet, "A", folder)
+
+
+class ApiServer:
+    """``genshop serve`` on a free port, in its own process group, with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "genshop.cli", "serve", "--port", self.url.rsplit(":", 1)[1]],
+                                     env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> "ApiServer":
+        import httpx
+
+        def answers():
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{self.url}/api/me", timeout=2).status_code == 401
+            except httpx.TransportError:
+                return False
+        wait_for(answers, timeout, 0.2, "the API server to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def api_service(tmp_path_factory, models_dir, open_clip_dir):
+    """The whole service for API and browser tests: a worker with every stage (generate, a tiny
+    reward model scoring groups A and B, enrich with the tiny CLIP, a random LoRA for group A)
+    and ``genshop serve``, with three designers' tokens and a limit of 2 queued briefs each."""
+    from genshop.embedding import EmbeddingConfig
+    from tests.test_reward_model import tiny_model
+
+    home = tmp_path_factory.mktemp("api-home")
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        home / "reward")
+    env = make_env(home, models_dir, GENSHOP_REWARD_MODEL=str(reward_dir), GENSHOP_EMBEDDING_MODEL=str(open_clip_dir),
+                   GENSHOP_UNDERSTANDING="off", GENSHOP_SCORE_QUEUE=f"test-score-{uuid.uuid4().hex[:10]}",
+                   GENSHOP_API_TOKENS=",".join(f"{d}:{t}" for d, t in API_TOKENS.items()), GENSHOP_API_MAX_QUEUED="2")
+    from genshop.settings import get_settings
+
+    with pytest.MonkeyPatch.context() as patch:  # the tiny-random weights are built in models_dir
+        patch.setenv("GENSHOP_MODELS", str(models_dir))
+        get_settings.cache_clear()
+        write_random_group_adapter(home / "adapters" / "A")
+    get_settings.cache_clear()
+    worker = WorkerProcess(env, home / "worker.log")
+    server = ApiServer(env, home / "server.log").wait_ready()
+    worker.wait_ready()
+    yield server, env
+    server.stop()
+    worker.stop()

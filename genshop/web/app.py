@@ -1,0 +1,298 @@
+"""The designers' HTTP API and web gallery: ``genshop serve``.
+
+One FastAPI app over the same service functions as the CLI, on the same queue and store.
+Every ``/api`` route needs a designer's token (``auth``); a designer sees only their own
+briefs and generated items: anyone else's answer 404, as if they did not exist. Catalog
+products are shared. Bad input is 422 with the offending fields (FastAPI's ``detail``
+list, ``loc`` naming the field), a body over its limit 413, a designer at their
+queued-brief limit 429, and a queue that cannot be reached 503. Nothing is stored when a
+request is refused.
+
+The gallery (``/``) is one static page whose script uses this same API.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
+from genshop.experiments.manifest import Arm, ExperimentInputError, Manifest
+from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, enqueue_brief, item_details,
+                             submit_brief)
+from genshop.settings import Settings, get_settings
+from genshop.store import BriefRecord, QueueLimitError, Store
+from genshop.understanding.index import IndexInputError, VectorIndex
+from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
+from genshop.web.auth import current_designer
+from genshop.web.limits import BodySizeLimit
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_SEARCH_K = 100
+
+
+class Counterpart(BaseModel):
+    """The same design (prompt, seed, settings) made by another model: base vs a group's LoRA."""
+
+    id: str
+    brief_id: str
+    model_id: str
+    image_url: str
+    scores: list[ItemScore]
+
+
+class ItemView(ItemDetails):
+    image_url: str
+    counterparts: list[Counterpart]
+
+
+class SearchHitView(BaseModel):
+    id: str
+    kind: str
+    score: float
+    title: str
+    image_url: str
+    metadata: dict[str, str]
+
+
+class ExportRequest(BaseModel):
+    """An A/B export of some of the designer's succeeded briefs (``genshop export ab``'s options)."""
+
+    brief_ids: list[str] = Field(min_length=1, max_length=1000)
+    arms: list[Arm] = Field(min_length=2, description="the first arm is the control")
+    format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    salt: str | None = Field(default=None, max_length=128)
+
+
+class Designer(BaseModel):
+    designer: str
+    queued: int
+    max_queued: int
+
+
+# -- dependencies ---------------------------------------------------------------------------
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def owned_brief(brief_id: str, designer: str = Depends(current_designer),
+                store: Store = Depends(get_store)) -> BriefRecord:
+    if store.designer_of(brief_id) != designer:
+        raise HTTPException(404, f"no brief with id {brief_id!r}")
+    return store.get_brief(brief_id)
+
+
+def image_url(item_id: str) -> str:
+    return f"/api/items/{item_id}/image"
+
+
+def field_errors(issues: list[tuple[str, str]], where: str = "body") -> RequestValidationError:
+    """Errors found after FastAPI's own validation, in its 422 format."""
+    return RequestValidationError([{"loc": (where, *field.split(".")), "msg": message, "type": "value_error"}
+                                   for field, message in issues])
+
+
+# -- briefs ---------------------------------------------------------------------------------
+router = APIRouter(prefix="/api", dependencies=[Depends(current_designer)])
+
+
+@router.get("/me", response_model=Designer)
+def me(designer: str = Depends(current_designer), store: Store = Depends(get_store),
+       settings: Settings = Depends(get_app_settings)) -> Designer:
+    return Designer(designer=designer, queued=len(store.list_briefs("queued", designer)),
+                    max_queued=settings.api_max_queued)
+
+
+@router.post("/briefs", response_model=BriefRecord, status_code=201,
+             responses={200: {"description": "a brief with this client_reference exists; it is returned"},
+                        409: {"description": "client_reference used by another designer"},
+                        413: {"description": f"body over {MAX_BRIEF_FILE_BYTES} bytes"},
+                        429: {"description": "the designer's queued-brief limit is reached"},
+                        503: {"description": "the queue cannot be reached; nothing was stored"}})
+def submit(brief: Brief, response: Response, designer: str = Depends(current_designer),
+           store: Store = Depends(get_store), settings: Settings = Depends(get_app_settings)) -> BriefRecord:
+    """Validate a brief (the CLI's schema and checks), store it as the designer's, and queue it."""
+    try:
+        record, created = submit_brief(store, brief, settings.preset, designer, settings.api_max_queued)
+    except BriefError as exc:
+        raise field_errors([(issue.field, issue.message) for issue in exc.issues]) from None
+    except QueueLimitError as exc:
+        raise HTTPException(429, str(exc)) from None
+    if not created:
+        if store.designer_of(record.id) != designer:
+            raise HTTPException(409, "client_reference is already used by another brief")
+        response.status_code = 200
+        return record
+    try:
+        return enqueue_brief(store, record.id)
+    except Exception as exc:  # noqa: BLE001 - the broker's errors vary; the brief was rolled back
+        raise HTTPException(503, f"the queue cannot be reached, nothing was stored: {type(exc).__name__}") from None
+
+
+@router.get("/briefs", response_model=list[BriefRecord])
+def list_briefs(status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> list[BriefRecord]:
+    """The designer's briefs, newest first."""
+    return store.list_briefs(status, designer)[::-1]
+
+
+@router.get("/briefs/{brief_id}", response_model=BriefRecord)
+def brief_status(record: BriefRecord = Depends(owned_brief)) -> BriefRecord:
+    """Status and live progress (``progress``: variants done, denoising step, batch)."""
+    return record
+
+
+@router.post("/briefs/{brief_id}/cancel", response_model=BriefRecord)
+def cancel(record: BriefRecord = Depends(owned_brief), store: Store = Depends(get_store)) -> BriefRecord:
+    """A queued brief is cancelled at once, a running one at its next denoising step."""
+    return cancel_brief(store, record.id, revoke=True)
+
+
+@router.get("/briefs/{brief_id}/items", response_model=list[ItemView])
+def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depends(current_designer),
+                store: Store = Depends(get_store)) -> list[ItemView]:
+    """The generated variants so far, with per-group scores, category and attributes, and the same
+    designs from the designer's other briefs made by another model (base vs tuned)."""
+    items = item_details(store, record.id)
+    siblings = [b.id for b in store.list_briefs(designer=designer) if b.title == record.title and b.id != record.id]
+    others = {i.id: i for brief_id in siblings for i in item_details(store, brief_id)}
+    pairs = counterparts(items, list(others.values()))
+    return [ItemView(**item.model_dump(), image_url=image_url(item.id),
+                     counterparts=[Counterpart(id=o.id, brief_id=o.brief_id, model_id=o.model_id,
+                                               image_url=image_url(o.id), scores=others[o.id].scores)
+                                   for o in pairs[item.id]])
+            for item in items]
+
+
+@router.get("/items/{item_id}/image", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such item of this designer"}})
+def item_image(item_id: str, designer: str = Depends(current_designer), store: Store = Depends(get_store)):
+    """The image of one of the designer's generated items, or of a catalog product."""
+    relative = None
+    if generated := store.get_items([item_id]):
+        if store.designer_of(generated[0].brief_id) == designer:
+            relative = generated[0].image_path
+    elif product := store.get_catalog_products([item_id]):
+        relative = product[0].image_path
+    if relative is None:
+        raise HTTPException(404, f"no item with id {item_id!r}")
+    return FileResponse(store.images.path(relative), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=31536000, immutable"})
+
+
+# -- search ---------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def _index_version(folder: str, saved_ns: int) -> VectorIndex:
+    return VectorIndex.load(folder)
+
+
+def current_index(folder: Path) -> VectorIndex | None:
+    """The last saved index, loaded once per save (saves commit by renaming the manifest)."""
+    manifest = folder / "manifest.json"
+    try:
+        return _index_version(str(folder), manifest.stat().st_mtime_ns)
+    except FileNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=2)
+def _embedder(model_dir: Path, device: str):
+    from genshop.embedding import EmbeddingConfig, load_embedder
+
+    return load_embedder(EmbeddingConfig.for_directory(model_dir, device=device))
+
+
+def _search(request: Request, designer: str, text: str | None, image: Path | None, k: int) -> list[SearchHitView]:
+    from genshop.understanding.search import search
+
+    settings: Settings = request.app.state.settings
+    store: Store = request.app.state.store
+    if settings.embedding_model is None:
+        raise HTTPException(503, "search is off (GENSHOP_EMBEDDING_MODEL is 'off')")
+    index = current_index(settings.index_dir)
+    if index is None:
+        return []
+    try:
+        hits = search(index, _embedder(settings.embedding_model, settings.device), text, image,
+                      k=min(len(index), 4 * k + 16))  # room for other designers' items, dropped below
+    except (QueryError, IndexInputError) as exc:
+        field = {"query": "q"}.get(exc.field, exc.field)
+        message = str(exc).partition(": ")[2].replace(str(image), "the upload")
+        raise field_errors([(field, message)], "query" if image is None else "body") from None
+    generated = {item.id: item.brief_id for item in store.get_items([h.id for h in hits])}
+    owners = {brief_id: store.designer_of(brief_id) for brief_id in set(generated.values())}
+    visible = [h for h in hits if h.id not in generated or owners[generated[h.id]] == designer][:k]
+    return [SearchHitView(id=h.id, kind=h.metadata.get("kind", ""), score=h.score, title=h.metadata.get("title", ""),
+                          image_url=image_url(h.id), metadata={k: v for k, v in h.metadata.items() if k != "image_path"})
+            for h in visible]
+
+
+@router.get("/search", response_model=list[SearchHitView])
+def search_text(request: Request, q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS),
+                k: int = Query(10, ge=1, le=MAX_SEARCH_K), designer: str = Depends(current_designer)):
+    """Text → image search over the catalog and the designer's generated items."""
+    return _search(request, designer, q, None, k)
+
+
+@router.post("/search", response_model=list[SearchHitView])
+def search_image(request: Request, image: UploadFile = File(description="query image (PNG, JPEG, ...)"),
+                 q: str | None = Form(None, max_length=MAX_QUERY_CHARS), k: int = Form(10, ge=1, le=MAX_SEARCH_K),
+                 designer: str = Depends(current_designer)):
+    """Image → image search (with ``q``, the image and the text combined)."""
+    with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix) as upload:
+        upload.write(image.file.read())
+        upload.flush()
+        return _search(request, designer, q, Path(upload.name), k)
+
+
+# -- exports --------------------------------------------------------------------------------
+@router.post("/exports", response_model=Manifest, status_code=201)
+def export(request_body: ExportRequest, designer: str = Depends(current_designer),
+           store: Store = Depends(get_store), settings: Settings = Depends(get_app_settings)) -> Manifest:
+    """Export the designer's listings for an A/B test (``genshop export ab``); the folder is on the server."""
+    from genshop.experiments.export import ExportConfig, export_ab
+
+    for brief_id in request_body.brief_ids:
+        if store.designer_of(brief_id) != designer:
+            raise HTTPException(404, f"no brief with id {brief_id!r}")
+    experiment_id = f"exp-{uuid.uuid4().hex[:12]}"
+    config = ExportConfig(out=settings.home / "exports" / experiment_id, arms=request_body.arms,
+                          briefs=request_body.brief_ids, experiment_id=experiment_id, salt=request_body.salt,
+                          format=request_body.format)
+    try:
+        return export_ab(store, config)
+    except ExperimentInputError as exc:
+        raise field_errors([("brief_ids", issue) for issue in exc.issues]) from None
+
+
+# -- the app --------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="GenShop", version="1", description="Designers' API: briefs on the generation queue, "
+                  "their variants with per-group reward scores and attributes, search, A/B exports.")
+    app.state.settings = settings
+    app.state.store = Store(settings.database_url, settings.home)
+    app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, default=settings.api_max_upload_bytes,
+                       limits={"/api/briefs": MAX_BRIEF_FILE_BYTES, "/api/exports": MAX_BRIEF_FILE_BYTES})
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def gallery() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,189 @@
+"""The designers' HTTP API: the real app (`genshop serve`) over HTTP, with a real worker on Redis."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import API_TOKENS, wait_for
+
+LONG = {"variants": 16, "steps": 100, "width": 128, "height": 128}  # seconds of denoising, even on a fast machine
+
+
+def client(api_service, designer: str | None = "alice") -> httpx.Client:
+    server, _ = api_service
+    headers = {"Authorization": f"Bearer {API_TOKENS[designer]}"} if designer else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=30)
+
+
+def wait_finished(api: httpx.Client, brief_id: str, timeout: float = 120) -> dict:
+    return wait_for(lambda: (b := api.get(f"/api/briefs/{brief_id}").json())["status"] in
+                    ("succeeded", "failed", "cancelled") and b, timeout, 0.2, what=f"brief {brief_id} to finish")
+
+
+@pytest.fixture(scope="module")
+def finished(api_service):
+    """Alice's brief for groups A and B, and the same design untargeted (the base model only),
+    both generated, scored and enriched."""
+    api = client(api_service)
+    design = {"title": "Women's red kurta", "variants": 4, "seed": 11, "steps": 4}
+    tuned = api.post("/api/briefs", json={**design, "groups": ["A", "B"]})
+    base = api.post("/api/briefs", json=design)
+    assert tuned.status_code == 201 and base.status_code == 201, (tuned.text, base.text)
+    briefs = {}
+    for name, response in (("tuned", tuned), ("base", base)):
+        briefs[name] = wait_finished(api, response.json()["id"])
+        assert briefs[name]["status"] == "succeeded", briefs[name]["error"]
+
+    def complete():
+        items = api.get(f"/api/briefs/{briefs['tuned']['id']}/items").json()
+        return all(len(i["scores"]) == 2 and i["understanding"] for i in items) and items
+    items = wait_for(complete, 90, 0.5, what="scores for groups A and B and the understanding of every item")
+    return briefs, items
+
+
+def test_no_token_or_an_unknown_token_is_401_and_the_schema_and_gallery_are_public(api_service):
+    anonymous = client(api_service, None)
+    for path in ("/api/me", "/api/briefs", "/api/search?q=kurta"):
+        response = anonymous.get(path)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
+    assert anonymous.post("/api/briefs", json={"title": "x"}).status_code == 401
+    wrong = anonymous.get("/api/me", headers={"Authorization": "Bearer token-alicex"})
+    assert wrong.status_code == 401
+    anonymous.cookies.set("genshop_token", API_TOKENS["bob"])  # the gallery's way
+    assert anonymous.get("/api/me").json()["designer"] == "bob"
+
+    schema = anonymous.get("/openapi.json").json()
+    assert {"/api/briefs", "/api/briefs/{brief_id}", "/api/briefs/{brief_id}/cancel", "/api/briefs/{brief_id}/items",
+            "/api/search", "/api/exports"} <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert schema["paths"]["/api/briefs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"] \
+        .endswith("/Brief")
+    page = anonymous.get("/")
+    assert page.status_code == 200 and 'id="brief-form"' in page.text
+
+
+def test_bad_briefs_are_422_by_field_oversize_bodies_413_and_nothing_is_stored(api_service):
+    api = client(api_service, "bob")
+    before = api.get("/api/briefs").json()
+    response = api.post("/api/briefs", json={"title": "", "variants": 0, "colour": 3, "wings": True})
+    assert response.status_code == 422
+    fields = {tuple(error["loc"]) for error in response.json()["detail"]}
+    assert fields == {("body", "title"), ("body", "variants"), ("body", "colour"), ("body", "wings")}
+    preset_limit = api.post("/api/briefs", json={"title": "Red kurta", "width": 12, "steps": 120})
+    assert preset_limit.status_code == 422
+    assert {tuple(e["loc"]) for e in preset_limit.json()["detail"]} >= {("body", "width"), ("body", "steps")}
+    not_json = api.post("/api/briefs", content=b"title: kurta", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
+
+    oversize = b'{"title": "' + b"a" * 70_000 + b'"}'
+    declared = api.post("/api/briefs", content=oversize, headers={"content-type": "application/json"})
+    streamed = api.post("/api/briefs", content=iter([oversize[:40_000], oversize[40_000:]]),
+                        headers={"content-type": "application/json"})  # chunked: no Content-Length
+    assert declared.status_code == 413 and streamed.status_code == 413, (declared.text, streamed.text)
+    assert api.get("/api/briefs").json() == before
+
+
+def test_a_brief_generates_with_progress_group_scores_attributes_images_and_base_vs_tuned_pairs(api_service,
+                                                                                               finished):
+    briefs, items = finished
+    api = client(api_service)
+    tuned = briefs["tuned"]
+    assert tuned["progress"]["variants_done"] == tuned["progress"]["variants_total"] == 4
+    assert [item["variant"] for item in items] == [0, 1, 2, 3]
+    for item in items:
+        assert {s["group_id"] for s in item["scores"]} == {"A", "B"}
+        assert set(item["understanding"]["categories"]) == {"master_category", "sub_category", "article_type"}
+        image = api.get(item["image_url"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(image.content)).size == (item["width"], item["height"])
+        # groups take turns: A's variants (0, 2) come from A's LoRA and pair with the base brief's same designs;
+        # B has no LoRA, so its variants are base-model images with no other model's version to compare
+        if item["variant"] % 2 == 0:
+            assert item["model_id"].endswith("+lora:A")
+            [pair] = item["counterparts"]
+            assert pair["brief_id"] == briefs["base"]["id"] and "+lora:" not in pair["model_id"]
+            assert api.get(pair["image_url"]).content != image.content
+        else:
+            assert "+lora:" not in item["model_id"] and item["counterparts"] == []
+    listed = [b["id"] for b in api.get("/api/briefs").json()]
+    assert {tuned["id"], briefs["base"]["id"]} <= set(listed)
+
+
+def test_a_designer_sees_only_their_own_briefs_items_and_search_hits(api_service, finished):
+    briefs, items = finished
+    alice, bob = client(api_service), client(api_service, "bob")
+    brief_id = briefs["tuned"]["id"]
+    for path in (f"/api/briefs/{brief_id}", f"/api/briefs/{brief_id}/items", items[0]["image_url"]):
+        assert bob.get(path).status_code == 404, path
+    assert bob.post(f"/api/briefs/{brief_id}/cancel").status_code == 404
+    assert brief_id not in {b["id"] for b in bob.get("/api/briefs").json()}
+    assert bob.post("/api/exports", json={"brief_ids": [brief_id], "arms": [
+        {"name": "base", "selector": "generated"}, {"name": "again", "selector": "generated"}]}).status_code == 404
+
+    own = {item["id"] for item in items}
+    hits = alice.get("/api/search", params={"q": "women's red kurta", "k": 20}).json()
+    assert own <= {hit["id"] for hit in hits} and all(hit["kind"] == "generated" for hit in hits)
+    assert not own & {hit["id"] for hit in bob.get("/api/search", params={"q": "women's red kurta"}).json()}
+
+
+def test_search_by_image_upload_and_bad_queries_are_422_by_field(api_service, finished):
+    _, items = finished
+    api = client(api_service)
+    png = api.get(items[1]["image_url"]).content
+    hits = api.post("/api/search", files={"image": ("query.png", png, "image/png")}, data={"k": "3"}).json()
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3) and len(hits) == 3
+    assert api.get(hits[0]["image_url"]).content == png  # the same picture (another variant may be pixel-equal)
+
+    empty = api.post("/api/search", files={"image": ("empty.png", b"", "image/png")})
+    garbage = api.post("/api/search", files={"image": ("x.png", b"not an image", "image/png")})
+    for response in (empty, garbage):
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "image"]
+    assert "the upload" in empty.json()["detail"][0]["msg"]
+    assert api.get("/api/search", params={"q": ""}).json()["detail"][0]["loc"] == ["query", "q"]
+    assert api.get("/api/search", params={"q": "   "}).json()["detail"][0]["loc"] == ["query", "q"]
+    assert api.get("/api/search", params={"q": "kurta", "k": 0}).status_code == 422
+
+
+def test_export_trigger_writes_the_ab_listings_of_the_designers_briefs(api_service, finished):
+    briefs, items = finished
+    server, env = api_service
+    api = client(api_service)
+    ids = [briefs["base"]["id"], briefs["tuned"]["id"]]
+    bad = api.post("/api/exports", json={"brief_ids": ids, "arms": [{"name": "only", "selector": "generated"}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "arms"]
+    tuned_model = items[0]["model_id"]
+    response = api.post("/api/exports", json={"brief_ids": ids, "format": "csv", "salt": "s1", "arms": [
+        {"name": "base", "selector": f"model:{tuned_model.split('+lora:')[0]}"},
+        {"name": "tuned", "selector": f"model:{tuned_model}"}]})
+    assert response.status_code == 201, response.text
+    manifest = response.json()
+    assert {arm["name"]: arm["listings"] for arm in manifest["arms"]} == {"base": 6, "tuned": 2}
+    folder = Path(env["GENSHOP_HOME"]) / "exports" / manifest["experiment_id"]
+    assert (folder / "manifest.json").is_file() and (folder / "listings.csv").is_file()
+
+
+def test_queued_briefs_are_limited_per_designer_and_a_running_brief_cancels(api_service):
+    carol, bob = client(api_service, "carol"), client(api_service, "bob")
+    running = carol.post("/api/briefs", json={"title": "Men's black wallet", **LONG}).json()
+    wait_for(lambda: carol.get(f"/api/briefs/{running['id']}").json()["status"] == "running", 60, 0.2,
+             what="the long brief to start")
+    queued = [carol.post("/api/briefs", json={"title": f"Wallet {n}", "variants": 1}) for n in range(2)]
+    assert [r.status_code for r in queued] == [201, 201]
+    refused = carol.post("/api/briefs", json={"title": "Wallet 3", "variants": 1})
+    assert refused.status_code == 429 and "limit is 2" in refused.json()["detail"]
+    assert len(carol.get("/api/briefs").json()) == 3  # the refused brief was not stored
+    assert carol.get("/api/me").json() == {"designer": "carol", "queued": 2, "max_queued": 2}
+    other = bob.post("/api/briefs", json={"title": "Wallet for bob", "variants": 1})
+    assert other.status_code == 201  # the limit is per designer
+
+    cancelled = carol.post(f"/api/briefs/{running['id']}/cancel").json()
+    assert cancelled["cancel_requested"] is True
+    assert wait_finished(carol, running["id"], 60)["status"] == "cancelled"
+    for response in queued:
+        assert carol.post(f"/api/briefs/{response.json()['id']}/cancel").json()["status"] in ("cancelled", "succeeded")
+    assert wait_finished(bob, other.json()["id"], 60)["status"] == "succeeded"
