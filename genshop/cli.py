@@ -182,6 +182,7 @@ def _supervise(argv: list[str], restart_delay_s: float = 1.0) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 def serve(host: str, port: int) -> None:
     """Serve the designers' HTTP API (/api, OpenAPI at /docs) and the web gallery (/)."""
+    import torch
     import uvicorn
 
     from genshop.web.app import create_app
@@ -190,6 +191,7 @@ def serve(host: str, port: int) -> None:
     if not settings.api_tokens:
         raise click.ClickException("no API tokens: set GENSHOP_API_TOKENS='designer:TOKEN,...' or "
                                    "GENSHOP_API_TOKENS_FILE (a YAML mapping of designer to token)")
+    torch.set_num_threads(int(os.environ.get("GENSHOP_TORCH_THREADS", "1")))  # many small concurrent queries
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
@@ -222,8 +224,9 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
     else:
         if created:
             from genshop.service import enqueue_brief
+            from workers.app import enqueue_new_brief
 
-            record = enqueue_brief(store, record.id)
+            record = enqueue_brief(store, record.id, enqueue_new_brief)
         if wait:
             record = _wait(store, record, show=not as_json)
     if as_json:
@@ -265,9 +268,10 @@ def status(brief_id: str, as_json: bool) -> None:
 def cancel(brief_id: str, as_json: bool) -> None:
     """Cancel a brief: a queued one at once, a running one at its next denoising step."""
     from genshop.service import cancel_brief
+    from workers.app import revoke_task
 
     store = _store()
-    _print_record(cancel_brief(store, brief_id, revoke=True), store, as_json)
+    _print_record(cancel_brief(store, brief_id, revoke_task), store, as_json)
 
 
 @main.command()

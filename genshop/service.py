@@ -71,14 +71,12 @@ def submit_brief(store: Store, brief: Brief, preset_name: str, designer: str | N
     return store.create_brief(resolve_brief(brief, load_preset(preset_name)), preset_name, designer, max_queued)
 
 
-def enqueue_brief(store: Store, brief_id: str) -> BriefRecord:
-    """Put a stored, queued brief on the generation queue. If the broker cannot take it,
-    the brief is deleted again and the error raised: nothing is left half-submitted."""
-    from workers.app import check_broker, enqueue_generation
-
+def enqueue_brief(store: Store, brief_id: str, enqueue: Callable[[str], str]) -> BriefRecord:
+    """Put a stored, queued brief on the generation queue (``enqueue`` returns the task id).
+    If the queue cannot take it, the brief is deleted again and the error raised: nothing is
+    left half-submitted."""
     try:
-        check_broker()
-        store.mark_enqueued(brief_id, enqueue_generation(brief_id))
+        store.mark_enqueued(brief_id, enqueue(brief_id))
     except Exception:
         store.delete_queued_brief(brief_id)
         raise
@@ -174,18 +172,13 @@ def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: flo
     return requeued
 
 
-def cancel_brief(store: Store, brief_id: str, revoke: bool = False) -> BriefRecord:
+def cancel_brief(store: Store, brief_id: str, revoke: Callable[[str], None] | None = None) -> BriefRecord:
     """Cancel a brief: a queued one at once, a running one at its next denoising step.
-    With ``revoke``, a cancelled brief's queue message is also revoked, so no worker
-    takes it (the store's flag alone already makes a worker discard it)."""
+    ``revoke`` (given a task id) also withdraws a cancelled brief's queue message, so no
+    worker takes it; the store's flag alone already makes a worker discard it."""
     record = store.request_cancel(brief_id)
     if revoke and record.task_id and record.status == "cancelled":
-        from workers.app import app
-
-        try:
-            app.control.revoke(record.task_id)
-        except Exception:  # noqa: BLE001 - the store's flag already stops it
-            pass
+        revoke(record.task_id)
     return record
 
 

@@ -200,7 +200,7 @@ def open_clip_dir(tmp_path_factory) -> Path:
 
 
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (kept by CI; ignored by git)
-API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol"}
+API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol", "dana": "token-dana"}
 
 
 def write_random_group_adapter(folder: Path) -> Path:
@@ -250,7 +250,7 @@ class ApiServer:
 def api_service(tmp_path_factory, models_dir, open_clip_dir):
     """The whole service for API and browser tests: a worker with every stage (generate, a tiny
     reward model scoring groups A and B, enrich with the tiny CLIP, a random LoRA for group A)
-    and ``genshop serve``, with three designers' tokens and a limit of 2 queued briefs each."""
+    and ``genshop serve``, with four designers' tokens and a limit of 2 queued briefs each."""
     from genshop.embedding import EmbeddingConfig
     from tests.test_reward_model import tiny_model
 

@@ -181,9 +181,33 @@ def test_queued_briefs_are_limited_per_designer_and_a_running_brief_cancels(api_
     other = bob.post("/api/briefs", json={"title": "Wallet for bob", "variants": 1})
     assert other.status_code == 201  # the limit is per designer
 
+    for response in queued:  # still queued behind the long brief: cancelled at once
+        assert carol.post(f"/api/briefs/{response.json()['id']}/cancel").json()["status"] == "cancelled"
     cancelled = carol.post(f"/api/briefs/{running['id']}/cancel").json()
     assert cancelled["cancel_requested"] is True
     assert wait_finished(carol, running["id"], 60)["status"] == "cancelled"
-    for response in queued:
-        assert carol.post(f"/api/briefs/{response.json()['id']}/cancel").json()["status"] in ("cancelled", "succeeded")
     assert wait_finished(bob, other.json()["id"], 60)["status"] == "succeeded"
+
+
+def test_tokens_come_from_a_yaml_file_and_the_variable_and_serve_refuses_to_start_without_any(env, tmp_path):
+    from genshop.settings import get_settings
+    from tests.conftest import invoke_cli
+
+    refused = invoke_cli(["serve"], env)
+    assert refused.returncode == 1 and "no API tokens" in refused.stderr
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("ana: from-file\nben: from-file\n")
+    get_settings.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENSHOP_API_TOKENS_FILE", str(tokens))
+        patch.setenv("GENSHOP_API_TOKENS", "ben:from-variable, cy:x")
+        settings = get_settings()
+        assert {d: t.get_secret_value() for d, t in settings.api_tokens.items()} == \
+            {"ana": "from-file", "ben": "from-variable", "cy": "x"}
+        assert "from-file" not in repr(settings)
+        get_settings.cache_clear()
+        patch.setenv("GENSHOP_API_TOKENS", "ben-without-a-token")
+        with pytest.raises(ValueError, match="GENSHOP_API_TOKENS: 'ben-without-a-token'"):
+            get_settings()
+    get_settings.cache_clear()

@@ -48,8 +48,8 @@ def test_submit_a_brief_in_the_form_see_progress_images_and_group_scores(page):
     page.fill("#token", "not-a-token")
     page.click("#login-form button")
     page.wait_for_selector("#login-error:has-text('not accepted')")
-    sign_in(page, "carol")
-    assert "carol" in page.inner_text("#who")
+    sign_in(page, "dana")
+    assert "dana" in page.inner_text("#who")
 
     form = "#brief-form"
     page.fill(f"{form} [name=title]", "Women's red ethnic kurta")
@@ -95,7 +95,7 @@ def test_submit_a_brief_in_the_form_see_progress_images_and_group_scores(page):
 
 
 def test_the_form_shows_field_errors_and_search_shows_results(page):
-    sign_in(page, "carol")
+    sign_in(page, "dana")
     page.fill("#brief-form [name=title]", "Kurta")
     page.fill("#brief-form [name=variants]", "500")
     page.click("#brief-form button[type=submit]")

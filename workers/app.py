@@ -81,6 +81,20 @@ def enqueue_generation(brief_id: str) -> str:
     return task_id
 
 
+def enqueue_new_brief(brief_id: str) -> str:
+    """``enqueue_generation`` for a brief just submitted: a broker that is down fails at once."""
+    check_broker()
+    return enqueue_generation(brief_id)
+
+
+def revoke_task(task_id: str) -> None:
+    """Withdraw a queued task, best effort: the store's cancel flag already stops it."""
+    try:
+        app.control.revoke(task_id)
+    except Exception:  # noqa: BLE001 - a broker hiccup must not fail a cancel that is already recorded
+        pass
+
+
 def enqueue_scoring(brief_id: str) -> str:
     """Put a generated brief on the scoring queue (CPU workers may serve it apart from the GPU ones)."""
     task_id = f"score-{brief_id}"

@@ -35,6 +35,7 @@ from genshop.understanding.index import IndexInputError, VectorIndex
 from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
 from genshop.web.auth import current_designer
 from genshop.web.limits import BodySizeLimit
+from workers.app import enqueue_new_brief, revoke_task
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEARCH_K = 100
@@ -137,7 +138,7 @@ def submit(brief: Brief, response: Response, designer: str = Depends(current_des
         response.status_code = 200
         return record
     try:
-        return enqueue_brief(store, record.id)
+        return enqueue_brief(store, record.id, enqueue_new_brief)
     except Exception as exc:  # noqa: BLE001 - the broker's errors vary; the brief was rolled back
         raise HTTPException(503, f"the queue cannot be reached, nothing was stored: {type(exc).__name__}") from None
 
@@ -158,7 +159,7 @@ def brief_status(record: BriefRecord = Depends(owned_brief)) -> BriefRecord:
 @router.post("/briefs/{brief_id}/cancel", response_model=BriefRecord)
 def cancel(record: BriefRecord = Depends(owned_brief), store: Store = Depends(get_store)) -> BriefRecord:
     """A queued brief is cancelled at once, a running one at its next denoising step."""
-    return cancel_brief(store, record.id, revoke=True)
+    return cancel_brief(store, record.id, revoke_task)
 
 
 @router.get("/briefs/{brief_id}/items", response_model=list[ItemView])
