@@ -28,6 +28,7 @@ from genshop.briefs import Brief
 
 BriefStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+THREADS_PER_PROCESS = 8  # the most threads one process (the API server's pool) uses the store from at once
 ITEM_NAMESPACE = uuid.UUID("5f0c2a1e-6d3b-4c8e-9a7f-2b1d0e4c6a90")
 
 
@@ -351,7 +352,10 @@ class Store:
         self.url = database_url
         if database_url.startswith("sqlite:///"):
             Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(database_url, pool_pre_ping=True)
+        if database_url.startswith("sqlite"):  # a local file: nothing to ping; enough connections for a server's threads
+            self.engine = create_engine(database_url, pool_size=THREADS_PER_PROCESS, max_overflow=THREADS_PER_PROCESS)
+        else:
+            self.engine = create_engine(database_url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._create_tables()
@@ -410,9 +414,14 @@ class Store:
             row = session.scalars(select(BriefRow).where(BriefRow.client_reference == reference)).first()
             return _to_record(row) if row else None
 
-    def get_brief(self, brief_id: str) -> BriefRecord:
+    def get_brief(self, brief_id: str, designer: str | None = None) -> BriefRecord:
+        """The brief; with a ``designer``, only if it is theirs (anyone else's is unknown to them)."""
         with self.sessions() as session:
-            row = session.get(BriefRow, brief_id)
+            if designer is None:
+                row = session.get(BriefRow, brief_id)
+            else:
+                row = session.scalar(select(BriefRow).join(BriefDesignerRow).where(
+                    BriefRow.id == brief_id, BriefDesignerRow.designer == designer))
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import tempfile
 import uuid
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
@@ -30,7 +32,7 @@ from genshop.experiments.manifest import Arm, ExperimentInputError, Manifest
 from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, enqueue_brief, item_details,
                              submit_brief)
 from genshop.settings import Settings, get_settings
-from genshop.store import BriefRecord, QueueLimitError, Store
+from genshop.store import THREADS_PER_PROCESS, BriefRecord, QueueLimitError, Store, UnknownBriefError
 from genshop.understanding.index import IndexInputError, VectorIndex
 from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
 from genshop.web.auth import current_designer
@@ -81,19 +83,20 @@ class Designer(BaseModel):
 
 
 # -- dependencies ---------------------------------------------------------------------------
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:  # async: no thread pool hop for an attribute read
     return request.app.state.store
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 def owned_brief(brief_id: str, designer: str = Depends(current_designer),
                 store: Store = Depends(get_store)) -> BriefRecord:
-    if store.designer_of(brief_id) != designer:
-        raise HTTPException(404, f"no brief with id {brief_id!r}")
-    return store.get_brief(brief_id)
+    try:
+        return store.get_brief(brief_id, designer)
+    except UnknownBriefError:
+        raise HTTPException(404, f"no brief with id {brief_id!r}") from None
 
 
 def image_url(item_id: str) -> str:
@@ -151,8 +154,9 @@ def list_briefs(status: Literal["queued", "running", "succeeded", "failed", "can
 
 
 @router.get("/briefs/{brief_id}", response_model=BriefRecord)
-def brief_status(record: BriefRecord = Depends(owned_brief)) -> BriefRecord:
+async def brief_status(record: BriefRecord = Depends(owned_brief)) -> BriefRecord:
     """Status and live progress (``progress``: variants done, denoising step, batch)."""
+    # async: the dependency did the reading on the thread pool; this hands it back without a second hop
     return record
 
 
@@ -280,9 +284,17 @@ def export(request_body: ExportRequest, designer: str = Depends(current_designer
 
 
 # -- the app --------------------------------------------------------------------------------
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    # sync routes run on anyio's thread pool (40 threads by default); more threads than the store's
+    # connections only add switching, so both are sized alike
+    to_thread.current_default_thread_limiter().total_tokens = THREADS_PER_PROCESS
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="GenShop", version="1", description="Designers' API: briefs on the generation queue, "
+    app = FastAPI(lifespan=lifespan,title="GenShop", version="1", description="Designers' API: briefs on the generation queue, "
                   "their variants with per-group reward scores and attributes, search, A/B exports.")
     app.state.settings = settings
     app.state.store = Store(settings.database_url, settings.home)
