@@ -180,7 +180,7 @@ async function watch(briefId, brief = null) {
     showProgress(body);
     await showItems(briefId);
     if (TERMINAL.has(body.status)) {
-      if (finishedAt === null) { finishedAt = Date.now(); listBriefs(); }
+      if (finishedAt === null) { finishedAt = Date.now(); refreshDesigner(); }
       else if (Date.now() - finishedAt > AFTER_FINISH_MS) break;
     }
     await new Promise((resolve) => setTimeout(resolve, TERMINAL.has(body.status) ? 4 * POLL_MS : POLL_MS));
