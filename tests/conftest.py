@@ -199,7 +199,7 @@ def open_clip_dir(tmp_path_factory) -> Path:
     return folder
 
 
-ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (kept by CI; ignored by git)
+ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (ignored by git)
 API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol", "dana": "token-dana"}
 
 
