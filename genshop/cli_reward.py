@@ -155,7 +155,12 @@ def _eval_table(report) -> Table:
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: <model>/../eval-<impressions stem>.json")
 @click.option("--device", default="auto", show_default=True)
-def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, cache_dir, json_out, device) -> None:
+@click.option("--understanding", type=FOLDER, default=None,
+              help="with --simulator: add the attribute_reader ceiling (the exact hidden utilities applied to the "
+                   "attributes these heads read from the same image features)")
+@click.option("--simulator", type=FILE, default=None, help="the groups YAML whose hidden utilities made the impressions")
+def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, cache_dir, json_out, device,
+                 understanding, simulator) -> None:
     """Accuracy, per-group accuracy, log-loss, calibration, fraction of Bayes-optimal, against the baselines."""
     from reward.evaluation import RewardEvalConfig, evaluate_reward
 
@@ -163,7 +168,7 @@ def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, 
         cache_dir = model.resolve().parent.parent / "cache" / "reward-embeddings"
     config = RewardEvalConfig(model=model, baseline=baseline, impressions=list(impressions), catalog=list(catalog),
                               embedding=_embedding_config(clip, device), cache_dir=cache_dir,
-                              clip_baseline=not no_clip_baseline)
+                              clip_baseline=not no_clip_baseline, understanding=understanding, simulator=simulator)
     with _progress_bar() as bar:
         report = evaluate_reward(config, stage_progress(bar))
     stdout.print(_eval_table(report))

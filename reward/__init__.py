@@ -15,6 +15,7 @@ Imports the ``genshop`` core only; nothing in the core imports it.
 | ``training`` | ``train_reward(config, progress)``: accelerate, early stopping on held-out items, curves |
 | ``metrics`` | accuracy (ties half), log-loss, calibration error, Bayes-optimal accuracy |
 | ``evaluation`` | ``evaluate_reward(config, progress)``: against group-agnostic, CLIP and Bayes |
+| ``ceiling`` | the attribute-reader ceiling: the exact hidden utilities over attributes read from the image features |
 | ``scoring`` | ``load_scorer`` / ``score_images``: what workers call |
 | ``synthetic`` | a synthetic catalog and feature source for tests and demos |
 

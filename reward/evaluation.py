@@ -5,7 +5,10 @@ Models compared on the same impressions (every item should be held out from trai
 - ``group``: the group reward model under test;
 - ``group_agnostic``: a model of the same size trained without groups (PickScore-like);
 - ``clip``: the plain CLIP image–brief score, ``logit_scale * cosine(image, brief)``;
-- ``bayes``: the simulator's true probabilities (when the file has ``sim_probabilities``).
+- ``bayes``: the simulator's true probabilities (when the file has ``sim_probabilities``);
+- ``attribute_reader``: the simulator's exact utilities applied to the attributes that the
+  understanding heads read from the same image features (``reward.ceiling``), when both the
+  understanding folder and the simulator spec are given: what these features allow.
 
 Metrics (see ``reward.metrics``): accuracy (ties count half), accuracy per group, log-loss
 of the chosen item among those shown (and with "none" for models that predict it), expected
@@ -25,6 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import EmbeddingConfig
+from genshop.understanding.fitting import DEFAULT_TAXONOMY
 from reward.data import impression_tensors, predict
 from reward.features import EmbedderFeatures, FeatureSource
 from reward.impressions import read_impression_files
@@ -48,6 +52,10 @@ class RewardEvalConfig(BaseModel):
     embedding: EmbeddingConfig | None = Field(default=None, description="default: the one recorded in the model")
     cache_dir: Path | None = None
     clip_baseline: bool = True
+    understanding: Path | None = Field(default=None, description="`genshop understand fit` folder, for the "
+                                                                 "attribute_reader ceiling (with simulator)")
+    simulator: Path | None = Field(default=None, description="the groups YAML whose hidden utilities made the impressions")
+    taxonomy: Path = Field(default=DEFAULT_TAXONOMY, description="the taxonomy the understanding heads were fitted on")
 
 
 class ModelMetrics(BaseModel):
@@ -93,6 +101,19 @@ def model_metrics(scores: np.ndarray, mask: np.ndarray, chosen: np.ndarray, grou
             rows = frame[column].to_numpy(dtype=bool)
             setattr(metrics, f"accuracy_{name}", accuracy(scores[rows], mask[rows], chosen[rows]))
     return metrics
+
+
+def attribute_reader(config: RewardEvalConfig, data, frame: pd.DataFrame) -> np.ndarray:
+    """``reward.ceiling.reader_scores`` of the impressions, reading the items' embeddings with the heads."""
+    from genshop.understanding.categorize import LinearHeads
+    from genshop.understanding.taxonomy import load_taxonomy
+    from reward.ceiling import reader_scores
+    from reward.simulator import load_simulator_spec
+
+    heads = LinearHeads.from_pretrained(config.understanding, load_taxonomy(config.taxonomy))
+    posteriors = {name: np.exp(log_p) for name, log_p in heads.log_posteriors(data.item_embeddings.numpy()).items()}
+    return reader_scores(load_simulator_spec(config.simulator), frame["group_id"].tolist(), frame["brief"].tolist(),
+                         data.item_rows.numpy(), posteriors, heads.labels)
 
 
 def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None = None,
@@ -141,6 +162,9 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
         briefs = data.brief_embeddings[data.brief_rows].numpy()  # [N, D]
         clip_scores = features.logit_scale * np.einsum("nkd,nd->nk", images, briefs)
         models["clip"] = model_metrics(clip_scores, mask, chosen, groups, frame, None, bayes_accuracy)
+    if config.understanding is not None and config.simulator is not None:
+        models["attribute_reader"] = model_metrics(attribute_reader(config, data, frame), mask, chosen, groups, frame,
+                                                   None, bayes_accuracy)
     report("scoring", 3, 3)
 
     seen = None

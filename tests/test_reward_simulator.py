@@ -78,3 +78,29 @@ def test_candidates_share_a_pool_and_cli_writes_parquet_or_jsonl(catalog, tmp_pa
     result = CliRunner().invoke(simulate, ["impressions", "--catalog", str(catalog), "--n", "20", "--out", str(jsonl)])
     assert result.exit_code == 0, result.output
     assert len(jsonl.read_text().splitlines()) == 20
+
+
+def test_the_attribute_reader_scores_a_perfect_reading_exactly_as_the_simulator_does(catalog):
+    from reward.ceiling import named_colour, reader_scores
+
+    spec = load_simulator_spec(GROUPS)
+    frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=2000, k=4, seed=7))
+    items = catalog_attributes([catalog])
+    row = {pid: i for i, pid in enumerate(items["product_id"])}
+    labels = {column: sorted(set(items[column])) for column in ("master_category", "article_type", "colour", "usage",
+                                                                  "gender")}
+    certain = {column: np.eye(len(values))[[values.index(v) for v in items[column]]] for column, values in labels.items()}
+    item_rows = np.array([[row[p] for p in shown] for shown in frame["items"]])
+    scores = reader_scores(spec, frame["group_id"].tolist(), frame["brief"].tolist(), item_rows, certain, labels)
+
+    # the simulator's probabilities are a softmax of utility / temperature: the same log-odds between shown items
+    log_p = np.log(np.stack(frame["sim_probabilities"].to_numpy())[:, :-1])
+    assert np.allclose(np.diff(scores, axis=1), np.diff(log_p, axis=1), atol=1e-6)
+    assert frame["brief"].map(lambda b: named_colour(b, labels["colour"])).notna().mean() > 0.2  # bonus exercised
+
+    # uncertain readings: expectations, so a 50/50 reading of two colours scores halfway
+    halfway = {**certain, "colour": (certain["colour"] + np.roll(certain["colour"], 1, axis=1)) / 2}
+    mixed = reader_scores(spec, frame["group_id"].tolist(), frame["brief"].tolist(), item_rows, halfway, labels)
+    rolled = {**certain, "colour": np.roll(certain["colour"], 1, axis=1)}
+    other = reader_scores(spec, frame["group_id"].tolist(), frame["brief"].tolist(), item_rows, rolled, labels)
+    assert np.allclose(mixed, (scores + other) / 2)
