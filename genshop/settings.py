@@ -8,6 +8,7 @@ the Redis URLs for Celery, and the preset the workers load.
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "genshop-mini"
 OFF = "off"
+DESIGNER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
 class Settings(BaseModel):
@@ -83,6 +85,8 @@ def _api_tokens() -> dict[str, SecretStr]:
         if not sep or not designer.strip() or not token.strip():
             raise ValueError(f"GENSHOP_API_TOKENS: {pair.split(':')[0]!r}... is not 'designer:token'")
         tokens[designer.strip()] = token.strip()
+    if bad := [d for d in tokens if not re.fullmatch(DESIGNER_NAME, d)]:
+        raise ValueError(f"API tokens: designer names must be 1-64 letters, digits, '.', '_' or '-': {bad}")
     return {designer: SecretStr(token) for designer, token in tokens.items()}
 
 

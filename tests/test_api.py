@@ -210,4 +210,7 @@ def test_tokens_come_from_a_yaml_file_and_the_variable_and_serve_refuses_to_star
         patch.setenv("GENSHOP_API_TOKENS", "ben-without-a-token")
         with pytest.raises(ValueError, match="GENSHOP_API_TOKENS: 'ben-without-a-token'"):
             get_settings()
+        patch.setenv("GENSHOP_API_TOKENS", "ben/../x:token")
+        with pytest.raises(ValueError, match="designer names must be"):
+            get_settings()
     get_settings.cache_clear()
