@@ -214,3 +214,18 @@ def test_tokens_come_from_a_yaml_file_and_the_variable_and_serve_refuses_to_star
         with pytest.raises(ValueError, match="designer names must be"):
             get_settings()
     get_settings.cache_clear()
+
+
+def test_a_broker_that_is_down_is_503_and_the_brief_is_not_kept(tmp_path, models_dir):
+    from tests.conftest import ApiServer, free_port, make_env
+
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0",
+                   GENSHOP_API_TOKENS=f"alice:{API_TOKENS['alice']}")
+    server = ApiServer(env, tmp_path / "server.log").wait_ready()
+    try:
+        api = client((server, env))
+        response = api.post("/api/briefs", json={"title": "Red kurta", "variants": 1})
+        assert response.status_code == 503 and "nothing was stored" in response.json()["detail"]
+        assert api.get("/api/briefs").json() == [] and api.get("/api/me").json()["queued"] == 0
+    finally:
+        server.stop()
