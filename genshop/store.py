@@ -389,8 +389,8 @@ class Store:
         try:
             with self.sessions.begin() as session:
                 if designer is not None and max_queued is not None:
-                    queued = session.scalar(select(func.count()).select_from(BriefRow).join(BriefDesignerRow).where(
-                        BriefDesignerRow.designer == designer, BriefRow.status == "queued")) or 0
+                    queued = session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow), "queued",
+                                                               designer)) or 0
                     if queued >= max_queued:
                         raise QueueLimitError(f"designer {designer!r} already has {queued} queued briefs "
                                               f"(the limit is {max_queued}); wait for some to start")
@@ -426,14 +426,27 @@ class Store:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)
 
-    def list_briefs(self, status: str | None = None, designer: str | None = None) -> list[BriefRecord]:
+    def list_briefs(self, status: str | None = None, designer: str | None = None, title: str | None = None,
+                    newest_first: bool = False, limit: int | None = None, offset: int = 0) -> list[BriefRecord]:
         with self.sessions() as session:
-            query = select(BriefRow).order_by(BriefRow.created_at)
-            if status:
-                query = query.where(BriefRow.status == status)
-            if designer is not None:
-                query = query.join(BriefDesignerRow).where(BriefDesignerRow.designer == designer)
-            return [_to_record(r) for r in session.scalars(query)]
+            query = self._briefs_where(select(BriefRow), status, designer, title)
+            query = query.order_by(BriefRow.created_at.desc() if newest_first else BriefRow.created_at)
+            return [_to_record(r) for r in session.scalars(query.offset(offset).limit(limit))]
+
+    def count_briefs(self, status: str | None = None, designer: str | None = None) -> int:
+        with self.sessions() as session:
+            return session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow), status, designer)) or 0
+
+    @staticmethod
+    def _briefs_where(query, status: str | None, designer: str | None, title: str | None = None):
+        if status:
+            query = query.where(BriefRow.status == status)
+        if title is not None:
+            query = query.where(BriefRow.title == title)
+        if designer is not None:
+            query = query.join(BriefDesignerRow, BriefDesignerRow.brief_id == BriefRow.id).where(
+                BriefDesignerRow.designer == designer)
+        return query
 
     def delete_queued_brief(self, brief_id: str) -> None:
         """Roll back a brief that could not be enqueued (it never ran, it has no items)."""

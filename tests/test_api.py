@@ -111,7 +111,10 @@ def test_a_brief_generates_with_progress_group_scores_attributes_images_and_base
         else:
             assert "+lora:" not in item["model_id"] and item["counterparts"] == []
     listed = [b["id"] for b in api.get("/api/briefs").json()]
-    assert {tuned["id"], briefs["base"]["id"]} <= set(listed)
+    assert listed[:2] == [briefs["base"]["id"], tuned["id"]]  # newest first
+    assert [b["id"] for b in api.get("/api/briefs", params={"limit": 1, "offset": 1}).json()] == [tuned["id"]]
+    assert [b["id"] for b in api.get("/api/briefs", params={"status": "succeeded"}).json()] == listed
+    assert api.get("/api/briefs", params={"limit": 0}).status_code == 422
 
 
 def test_a_designer_sees_only_their_own_briefs_items_and_search_hits(api_service, finished):

@@ -116,7 +116,7 @@ router = APIRouter(prefix="/api", dependencies=[Depends(current_designer)])
 @router.get("/me", response_model=Designer)
 def me(designer: str = Depends(current_designer), store: Store = Depends(get_store),
        settings: Settings = Depends(get_app_settings)) -> Designer:
-    return Designer(designer=designer, queued=len(store.list_briefs("queued", designer)),
+    return Designer(designer=designer, queued=store.count_briefs("queued", designer),
                     max_queued=settings.api_max_queued)
 
 
@@ -148,9 +148,10 @@ def submit(brief: Brief, response: Response, designer: str = Depends(current_des
 
 @router.get("/briefs", response_model=list[BriefRecord])
 def list_briefs(status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
                 designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> list[BriefRecord]:
-    """The designer's briefs, newest first."""
-    return store.list_briefs(status, designer)[::-1]
+    """The designer's briefs, newest first, a page at a time."""
+    return store.list_briefs(status, designer, newest_first=True, limit=limit, offset=offset)
 
 
 @router.get("/briefs/{brief_id}", response_model=BriefRecord)
@@ -172,7 +173,7 @@ def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depe
     """The generated variants so far, with per-group scores, category and attributes, and the same
     designs from the designer's other briefs made by another model (base vs tuned)."""
     items = item_details(store, record.id)
-    siblings = [b.id for b in store.list_briefs(designer=designer) if b.title == record.title and b.id != record.id]
+    siblings = [b.id for b in store.list_briefs(designer=designer, title=record.title) if b.id != record.id]
     others = {i.id: i for brief_id in siblings for i in item_details(store, brief_id)}
     pairs = counterparts(items, list(others.values()))
     return [ItemView(**item.model_dump(), image_url=image_url(item.id),
