@@ -124,6 +124,15 @@ def invoke_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
+def cli_json_here(args: list[str], env: dict[str, str], expect_rc: int = 0):
+    """``cli_json`` run in this process (``invoke_cli``): for commands that use no Celery app
+    (search, catalog import, A/B export, import and report), where a new interpreter per call
+    costs seconds of start-up for nothing."""
+    proc = invoke_cli(args, env)
+    assert proc.returncode == expect_rc, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
+    return json.loads(proc.stdout)
+
+
 def cli_json(args: list[str], env: dict[str, str], expect_rc: int = 0) -> dict:
     proc = run_cli(args, env)
     assert proc.returncode == expect_rc, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"

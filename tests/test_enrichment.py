@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import cli_json, make_env, run_cli, wait_for, write_brief
+from tests.conftest import cli_json, cli_json_here, invoke_cli, make_env, wait_for, write_brief
 from tests.test_clip_training import write_catalog
 
 
@@ -42,7 +42,7 @@ def test_worker_enriches_every_generated_item_and_flags_a_regenerated_brief(tmp_
         assert understanding["near_duplicate_of"] is None or understanding["near_duplicate_of"] in \
             {i["id"] for i in results["items"]}
 
-    hits = cli_json(["search", "women's red kurta", "--json", "--k", "10"], env)
+    hits = cli_json_here(["search", "women's red kurta", "--json", "--k", "10"], env)
     assert sorted(hit["id"] for hit in hits) == sorted(item["id"] for item in results["items"])
     assert all(hit["kind"] == "generated" for hit in hits)
 
@@ -54,7 +54,7 @@ def test_worker_enriches_every_generated_item_and_flags_a_regenerated_brief(tmp_
     for item in again["items"]:
         assert item["understanding"]["near_duplicate_of"] in known - {item["id"]}
         assert item["understanding"]["near_duplicate_similarity"] == pytest.approx(1.0, abs=1e-3)
-    assert len(cli_json(["search", "kurta", "--json", "--k", "50"], env)) == 6
+    assert len(cli_json_here(["search", "kurta", "--json", "--k", "50"], env)) == 6
 
 
 def test_near_duplicates_match_the_index_and_earlier_items_of_the_batch_never_themselves():
@@ -77,25 +77,25 @@ def test_near_duplicates_match_the_index_and_earlier_items_of_the_batch_never_th
 def test_catalog_import_is_searchable_with_filters_and_idempotent(tmp_path, models_dir, open_clip_dir):
     env = enrich_env(tmp_path, models_dir, open_clip_dir)
     catalog = write_catalog(tmp_path / "catalog.parquet", rows_per_pair=2)  # 24 products
-    report = cli_json(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
+    report = cli_json_here(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
     assert report == {"rows": 24, "added": 24, "enriched": 24}
 
-    footwear = cli_json(["search", "shoes", "--filter", "master_category=Footwear", "--k", "20", "--json"], env)
+    footwear = cli_json_here(["search", "shoes", "--filter", "master_category=Footwear", "--k", "20", "--json"], env)
     assert len(footwear) == int((catalog["master_category"] == "Footwear").sum()) == 8
     assert {hit["master_category"] for hit in footwear} == {"Footwear"}  # the catalog's own labels
     assert all(hit["kind"] == "catalog" and hit["title"] for hit in footwear)
 
-    red_or_blue = cli_json(["search", "a product", "--filter", "colour=Red", "--filter", "colour=Blue", "--k", "24",
+    red_or_blue = cli_json_here(["search", "a product", "--filter", "colour=Red", "--filter", "colour=Blue", "--k", "24",
                             "--json"], env)
     assert {hit["colour"] for hit in red_or_blue} == {"Red", "Blue"} and len(red_or_blue) == 12
 
     image = sorted((Path(env["GENSHOP_HOME"]) / "images").rglob("*.png"))[0]
-    by_image = cli_json(["search", "--image", str(image), "--k", "1", "--json"], env)
+    by_image = cli_json_here(["search", "--image", str(image), "--k", "1", "--json"], env)
     assert by_image[0]["score"] == pytest.approx(1.0, abs=1e-4) and Path(by_image[0]["image_path"]) == image
 
     before = index_files(env)
-    assert cli_json(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)["added"] == 0
-    assert len(cli_json(["search", "a product", "--k", "100", "--json"], env)) == 24
+    assert cli_json_here(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)["added"] == 0
+    assert len(cli_json_here(["search", "a product", "--k", "100", "--json"], env)) == 24
     assert index_files(env).keys() == before.keys()
 
 
@@ -107,7 +107,7 @@ def test_bad_queries_are_refused_by_field_and_leave_the_index_untouched(tmp_path
 
     env = enrich_env(tmp_path, models_dir, open_clip_dir)
     write_catalog(tmp_path / "catalog.parquet", rows_per_pair=1)
-    cli_json(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
+    cli_json_here(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
     before = index_files(env)
 
     empty = tmp_path / "empty.png"
@@ -132,7 +132,7 @@ def test_bad_queries_are_refused_by_field_and_leave_the_index_untouched(tmp_path
     for args, message in [(["search", "   "], "Error: query: is empty"),
                           (["search", "--image", str(huge)], "is too large"),
                           (["search", "kurta", "--filter", "colour"], "--filter: expected FIELD=VALUE")]:
-        proc = run_cli(args, env)
+        proc = invoke_cli(args, env)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stdout, proc.stderr)
     assert index_files(env) == before
 
@@ -144,9 +144,9 @@ def test_with_a_product_vector_model_items_also_go_into_the_product_index(tmp_pa
     understanding = ProductFusion(TINY_OPEN_CLIP["model_cfg"]["embed_dim"]).save_pretrained(tmp_path / "understanding")
     env = enrich_env(tmp_path, models_dir, open_clip_dir, GENSHOP_UNDERSTANDING=str(understanding))
     write_catalog(tmp_path / "catalog.parquet", rows_per_pair=1)  # 12 products
-    cli_json(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
-    by_category = cli_json(["search", "watches", "--category", "--k", "20", "--json"], env)
-    by_image = cli_json(["search", "watches", "--k", "20", "--json"], env)
+    cli_json_here(["catalog", "import", str(tmp_path / "catalog.parquet"), "--json"], env)
+    by_category = cli_json_here(["search", "watches", "--category", "--k", "20", "--json"], env)
+    by_image = cli_json_here(["search", "watches", "--k", "20", "--json"], env)
     assert sorted(h["id"] for h in by_category) == sorted(h["id"] for h in by_image) and len(by_category) == 12
     assert [h["id"] for h in by_category] != [h["id"] for h in by_image]  # a different vector ranks differently
     assert (Path(env["GENSHOP_HOME"]) / "index" / "products" / "manifest.json").is_file()

@@ -22,7 +22,7 @@ from genshop.store import AbResult
 from genshop.experiments.results import largest_remainder
 from reward.synthetic import write_synthetic_catalog
 from genshop.settings import REPO_ROOT
-from tests.conftest import cli_json, invoke_cli, make_env, run_cli
+from tests.conftest import cli_json, cli_json_here, invoke_cli, make_env, run_cli
 
 BRIEFS = (
     {"title": "Men's black tshirt", "article_type": "Tshirts", "colour": "Black", "gender": "Men", "groups": ["A", "C"],
@@ -51,7 +51,7 @@ def seeded_home(tmp_path_factory, models_dir) -> tuple[Path, list[str]]:
         path.write_text(json.dumps(fields))
         brief_ids.append(cli_json(["submit", str(path), "--local", "--json"], env)["brief_id"])
     write_synthetic_catalog(home.parent / "catalog.parquet", 2000, seed=3)
-    cli_json(["catalog", "import", str(home.parent / "catalog.parquet"), "--no-enrich", "--json"], env)
+    cli_json_here(["catalog", "import", str(home.parent / "catalog.parquet"), "--no-enrich", "--json"], env)
     return home, brief_ids
 
 
@@ -66,7 +66,7 @@ def experiment_home(seeded_home, tmp_path, models_dir) -> tuple[dict[str, str], 
 def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment_home, open_clip_dir):
     env, brief_ids = experiment_home
     out = tmp_path / "exports" / "exp-1"
-    manifest = cli_json(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--weights", "1,1",
+    manifest = cli_json_here(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--weights", "1,1",
                          "--out", str(out), "--salt", "s1", "--json"], env)
 
     # the export: listings of both arms for both briefs, images inside, every file checksummed
@@ -93,8 +93,8 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
 
     # simulate the shop, import its results: stored, and written as preference data
     results = tmp_path / "results.parquet"
-    assert run_cli(["simulate", "ab", "exp-1", "--customers", "3000", "--out", str(results)], env).returncode == 0
-    imported = cli_json(["import", "ab-results", str(results), "--json"], env)
+    assert invoke_cli(["simulate", "ab", "exp-1", "--customers", "3000", "--out", str(results)], env).returncode == 0
+    imported = cli_json_here(["import", "ab-results", str(results), "--json"], env)
     frame = pd.read_parquet(results)
     assert imported["rows"] == len(frame) and imported["preference_impressions"] > 0
     from reward.impressions import read_impressions
@@ -105,7 +105,7 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
     assert all(chosen in items for chosen, items in zip(preferences["chosen"], preferences["items"]))
 
     # the readout: per arm and group, uplift with its CI, no sample-ratio mismatch under the salted hash
-    report = cli_json(["report", "ab", "exp-1", "--json"], env)
+    report = cli_json_here(["report", "ab", "exp-1", "--json"], env)
     base = next(r for r in report["arms"] if r["arm"] == "base")
     uplift = base["ctr_uplift"]
     assert uplift["ci_low"] < uplift["relative"] < uplift["ci_high"]
@@ -131,16 +131,16 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
     again.write_text(json.dumps({**BRIEFS[0], "groups": ["A"], "seed": 9}))
     second = cli_json(["submit", str(again), "--local", "--json"], env)["brief_id"]
     base_model = cli_json(["results", brief_ids[0], "--json"], env)["items"][0]["model_id"]
-    next_round = cli_json(["export", "ab", "--briefs", f"{brief_ids[0]},{second}", "--arms",
+    next_round = cli_json_here(["export", "ab", "--briefs", f"{brief_ids[0]},{second}", "--arms",
                            f"base=model:{base_model},tuned=model:{base_model}+lora:A,catalog=catalog", "--out",
                            str(tmp_path / "exports" / "exp-2"), "--json"], env)
     # two briefs with one title are one page: the catalog arm shows one set of products for it
     assert [(a["name"], a["listings"]) for a in next_round["arms"]] == [("base", 3), ("tuned", 3), ("catalog", 3)]
     assert all("+lora:A@" in version for version in next_round["model_versions"]["tuned"])
-    assert run_cli(["simulate", "ab", "exp-2", "--customers", "2000", "--out", str(tmp_path / "r2.parquet")],
+    assert invoke_cli(["simulate", "ab", "exp-2", "--customers", "2000", "--out", str(tmp_path / "r2.parquet")],
                    env).returncode == 0
     assert run_cli(["import", "ab-results", str(tmp_path / "r2.parquet")], env).returncode == 0
-    tuned_readout = next(r for r in cli_json(["report", "ab", "exp-2", "--json"], env)["arms"] if r["arm"] == "tuned")
+    tuned_readout = next(r for r in cli_json_here(["report", "ab", "exp-2", "--json"], env)["arms"] if r["arm"] == "tuned")
     assert tuned_readout["impressions"] > 0 and tuned_readout["ctr_uplift"] is not None
 
 
