@@ -151,7 +151,8 @@ def _eval_table(report) -> Table:
 @click.option("--baseline", type=FOLDER, default=None, help="group-agnostic reward model folder to compare with")
 @click.option("--clip", type=FOLDER, default=None, help="default: the CLIP recorded in the model")
 @click.option("--no-clip-baseline", is_flag=True, help="skip the plain CLIP image–brief baseline")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="embedding cache (default: $GENSHOP_HOME/cache/reward-embeddings)")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: <model>/../eval-<impressions stem>.json")
 @click.option("--device", default="auto", show_default=True)
@@ -164,8 +165,10 @@ def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, 
     """Accuracy, per-group accuracy, log-loss, calibration, fraction of Bayes-optimal, against the baselines."""
     from reward.evaluation import RewardEvalConfig, evaluate_reward
 
-    if cache_dir is None:
-        cache_dir = model.resolve().parent.parent / "cache" / "reward-embeddings"
+    if cache_dir is None:  # never beside the model: the shipped one lives inside the installed package
+        from genshop.settings import get_settings
+
+        cache_dir = get_settings().home / "cache" / "reward-embeddings"
     config = RewardEvalConfig(model=model, baseline=baseline, impressions=list(impressions), catalog=list(catalog),
                               embedding=_embedding_config(clip, device), cache_dir=cache_dir,
                               clip_baseline=not no_clip_baseline, understanding=understanding, simulator=simulator)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import EmbeddingConfig
 from genshop.understanding.fitting import DEFAULT_TAXONOMY
-from reward.data import impression_tensors, predict
+from reward.data import ImpressionTensors, impression_tensors, predict
 from reward.features import EmbedderFeatures, FeatureSource
 from reward.impressions import read_impression_files
 from reward.metrics import accuracy, expected_calibration_error, log_loss, top_choice_credit
@@ -103,7 +103,7 @@ def model_metrics(scores: np.ndarray, mask: np.ndarray, chosen: np.ndarray, grou
     return metrics
 
 
-def attribute_reader(config: RewardEvalConfig, data, frame: pd.DataFrame) -> np.ndarray:
+def attribute_reader(config: RewardEvalConfig, data: ImpressionTensors, frame: pd.DataFrame) -> np.ndarray:
     """``reward.ceiling.reader_scores`` of the impressions, reading the items' embeddings with the heads."""
     from genshop.understanding.categorize import LinearHeads
     from genshop.understanding.taxonomy import load_taxonomy

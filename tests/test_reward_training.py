@@ -111,7 +111,8 @@ def test_cli_simulate_train_eval_score_on_a_tiny_random_clip(tmp_path):
     ok(reward, ["train", *common, "--out", tmp_path / "agnostic", "--group-agnostic", "--loss", "mixed"])
     assert (tmp_path / "cache" / "reward-embeddings").is_dir()  # items embedded once, reused by the second run
     output = ok(reward, ["eval", tmp_path / "run" / "model", "--impressions", tmp_path / "imp.parquet",
-                         "--catalog", catalog, "--baseline", tmp_path / "agnostic" / "model"])
+                         "--catalog", catalog, "--baseline", tmp_path / "agnostic" / "model",
+                         "--cache-dir", tmp_path / "cache" / "reward-embeddings"])
     assert "group_bayes_fraction" in output and "gap_disagree_any" in output
     report = json.loads((tmp_path / "run" / "eval-imp.json").read_text())
     assert {"group", "group_agnostic", "clip", "bayes"} <= set(report["models"])
