@@ -117,7 +117,7 @@ def train_command(impressions, catalog, clip, out_dir, groups, recipe, group_agn
         def on_progress(p) -> None:
             detail = p.message
             if p.loss is not None:
-                detail = f"epoch {p.epoch:.2f}  loss {p.loss:.3f}"
+                detail = f"{p.message + '  ' if p.message else ''}epoch {p.epoch:.2f}  loss {p.loss:.3f}"
                 if p.val_loss is not None:
                     detail += f"  held-out loss {p.val_loss:.3f}"
                 if p.val_accuracy is not None:

@@ -86,8 +86,18 @@ class Embedder:
     batch_size: int
     logit_scale: float
 
-    def _image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    model: torch.nn.Module
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's input tensor ``[n, 3, h, w]`` for a batch of images (its own preprocessing)."""
         raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features of preprocessed ``pixels``; differentiable (for tuning the image tower)."""
+        raise NotImplementedError
+
+    def _image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.image_features(self.pixels(images).to(self.device))
 
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -119,8 +129,10 @@ class OpenClipEmbedder(Embedder):
         self.tokenizer = open_clip.get_tokenizer(name)
         self.logit_scale = float(self.model.logit_scale.detach().exp())
 
-    def _image_features(self, images):
-        pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
+    def pixels(self, images):
+        return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
+
+    def image_features(self, pixels):
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts):
@@ -166,9 +178,11 @@ class TransformersEmbedder(Embedder):
         self.max_length = min(max_length, self.tokenizer.model_max_length)
         self.logit_scale = float(self.model.logit_scale.detach().exp())
 
-    def _image_features(self, images):
-        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-        return _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+    def pixels(self, images):
+        return self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+    def image_features(self, pixels):
+        return _pooled(self.model.get_image_features(pixel_values=pixels))
 
     def _text_features(self, texts):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

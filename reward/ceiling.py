@@ -11,7 +11,9 @@ perfectly would score exactly Bayes.
 
 A learned reward model at or above this row has taken what the features say about the
 attributes that drive choices; the rest of its gap to Bayes is what the image features cannot
-see (or what the catalog labels say that the photos do not show).
+see (or what the catalog labels say that the photos do not show). ``label_posteriors`` turns
+catalog labels into certain readings, so the evaluation can read one attribute from the
+features and take the others from the catalog: what reading that attribute alone costs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ def expected_utilities(spec: SimulatorSpec, posteriors: Mapping[str, np.ndarray]
             utilities[g] += interaction.weight * np.prod(
                 [probability(attribute, value) for attribute, value in interaction.when.items()], axis=0)
     return utilities
+
+
+def label_posteriors(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Certain readings ``[items, labels]`` of known values (one-hot; a value outside ``labels``: all zero)."""
+    column = {label: j for j, label in enumerate(labels)}
+    certain = np.zeros((len(values), len(labels)))
+    for i, value in enumerate(values):
+        if value in column:
+            certain[i, column[value]] = 1.0
+    return certain
 
 
 def named_colour(brief: str, colours: Sequence[str]) -> str | None:

@@ -2,13 +2,16 @@
 
 Models compared on the same impressions (every item should be held out from training):
 
-- ``group``: the group reward model under test;
+- ``group``: the group reward model under test (through its own LoRA on the CLIP's image
+  tower when it has one; every other row reads the frozen CLIP);
 - ``group_agnostic``: a model of the same size trained without groups (PickScore-like);
 - ``clip``: the plain CLIP image–brief score, ``logit_scale * cosine(image, brief)``;
 - ``bayes``: the simulator's true probabilities (when the file has ``sim_probabilities``);
 - ``attribute_reader``: the simulator's exact utilities applied to the attributes that the
   understanding heads read from the same image features (``reward.ceiling``), when both the
-  understanding folder and the simulator spec are given: what these features allow.
+  understanding folder and the simulator spec are given: what these features allow. With
+  the catalog's labels, ``measured`` adds ``reader_bayes_fraction_only_<attribute>_read``:
+  the same reader with that one attribute read from the features and the rest from the labels.
 
 Metrics (see ``reward.metrics``): accuracy (ties count half), accuracy per group, log-loss
 of the chosen item among those shown (and with "none" for models that predict it), expected
@@ -20,11 +23,13 @@ groups' most likely picks among the shown items are not all the same) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import EmbeddingConfig
@@ -103,17 +108,33 @@ def model_metrics(scores: np.ndarray, mask: np.ndarray, chosen: np.ndarray, grou
     return metrics
 
 
-def attribute_reader(config: RewardEvalConfig, data: ImpressionTensors, frame: pd.DataFrame) -> np.ndarray:
-    """``reward.ceiling.reader_scores`` of the impressions, reading the items' embeddings with the heads."""
+def attribute_readers(config: RewardEvalConfig, data: ImpressionTensors, frame: pd.DataFrame
+                      ) -> dict[str, np.ndarray]:
+    """``reward.ceiling.reader_scores`` of the impressions, reading the items' embeddings with the heads
+    (``attribute_reader``); and, when the catalog labels every item, with one attribute read and the
+    others taken from the labels (``only_<attribute>_read``)."""
+    from genshop.catalog_data import read_catalog
     from genshop.understanding.categorize import LinearHeads
     from genshop.understanding.taxonomy import load_taxonomy
-    from reward.ceiling import reader_scores
+    from reward.ceiling import label_posteriors, reader_scores
     from reward.simulator import load_simulator_spec
 
     heads = LinearHeads.from_pretrained(config.understanding, load_taxonomy(config.taxonomy))
-    posteriors = {name: np.exp(log_p) for name, log_p in heads.log_posteriors(data.item_embeddings.numpy()).items()}
-    return reader_scores(load_simulator_spec(config.simulator), frame["group_id"].tolist(), frame["brief"].tolist(),
-                         data.item_rows.numpy(), posteriors, heads.labels)
+    read = {name: np.exp(log_p) for name, log_p in heads.log_posteriors(data.item_embeddings.numpy()).items()}
+    spec = load_simulator_spec(config.simulator)
+
+    def scores(posteriors: dict[str, np.ndarray]) -> np.ndarray:
+        return reader_scores(spec, frame["group_id"].tolist(), frame["brief"].tolist(), data.item_rows.numpy(),
+                             posteriors, heads.labels)
+
+    readers = {"attribute_reader": scores(read)}
+    catalog = read_catalog(config.catalog, with_images=False).set_index("product_id") if config.catalog else None
+    if catalog is not None and set(data.item_ids) <= set(catalog.index):
+        labelled = catalog.loc[data.item_ids]
+        truth = {name: label_posteriors(labelled[name].tolist(), heads.labels[name]) for name in read}
+        for name in read:
+            readers[f"only_{name}_read"] = scores({**truth, name: read[name]})
+    return readers
 
 
 def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None = None,
@@ -128,12 +149,21 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
             raise ValueError(f"{config.model} records no embedder; pass an embedding config")
         features = EmbedderFeatures(embedding, config.catalog, config.cache_dir)
         for candidate in (model, baseline):
-            recorded = candidate.config.embedder_fingerprint if candidate else None
+            recorded = candidate.config.embedder_fingerprint if candidate and not candidate.config.image_lora else None
             if recorded and recorded != features.fingerprint:
                 raise ValueError(f"a model was trained on embedder {recorded}, evaluated with {features.fingerprint}")
 
     data = impression_tensors(frame, features, lambda g: model.group_index(g)[0],
                               lambda done, total: report("embedding items", done, total))
+    model_data = data  # the group model's image embeddings: through its own image-tower LoRA, if it has one
+    if model.config.image_lora:
+        tuned = EmbedderFeatures(config.embedding or model.config.embedding, config.catalog, config.cache_dir,
+                                 image_lora=Path(config.model) / model.config.image_lora)
+        if model.config.embedder_fingerprint != tuned.fingerprint:
+            raise ValueError(f"{config.model} was trained with embedder {model.config.embedder_fingerprint}, "
+                             f"its CLIP with its LoRA is {tuned.fingerprint}")
+        model_data = dataclasses.replace(data, item_embeddings=torch.from_numpy(
+            tuned.item_embeddings(data.item_ids, lambda done, total: report("embedding items (LoRA)", done, total))))
     mask, chosen = data.mask.numpy(), data.chosen.numpy()
     groups = frame["group_id"].to_numpy()
 
@@ -151,7 +181,7 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
                                         np.log(np.clip(truth[:, k], 1e-12, None)), bayes_accuracy)
 
     report("scoring", 0, 3)
-    rewards, no_choice = predict(model, data)
+    rewards, no_choice = predict(model, model_data)
     models["group"] = model_metrics(rewards, mask, chosen, groups, frame, no_choice, bayes_accuracy)
     if baseline is not None:
         rewards, no_choice = predict(baseline, data)  # it reads every group as the population
@@ -162,9 +192,13 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
         briefs = data.brief_embeddings[data.brief_rows].numpy()  # [N, D]
         clip_scores = features.logit_scale * np.einsum("nkd,nd->nk", images, briefs)
         models["clip"] = model_metrics(clip_scores, mask, chosen, groups, frame, None, bayes_accuracy)
+    reader_fractions = {}
     if config.understanding is not None and config.simulator is not None:
-        models["attribute_reader"] = model_metrics(attribute_reader(config, data, frame), mask, chosen, groups, frame,
-                                                   None, bayes_accuracy)
+        for name, scores in attribute_readers(config, data, frame).items():
+            if name == "attribute_reader":
+                models[name] = model_metrics(scores, mask, chosen, groups, frame, None, bayes_accuracy)
+            elif bayes_accuracy:
+                reader_fractions[f"reader_bayes_fraction_{name}"] = accuracy(scores, mask, chosen) / bayes_accuracy
     report("scoring", 3, 3)
 
     seen = None
@@ -179,6 +213,7 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
     if "sim_disagree_any" in frame:
         result.disagree_any = int(frame["sim_disagree_any"].fillna(False).sum())
         result.disagree_population = int(frame["sim_disagree_population"].fillna(False).sum())
+    result.measured.update(reader_fractions)
     group = models["group"]
     if group.bayes_fraction is not None:
         result.targets["group_bayes_fraction"] = TARGET_BAYES_FRACTION

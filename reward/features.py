@@ -110,10 +110,17 @@ class EmbedderFeatures:
     """The real feature source: a CLIP embedder (any backend) with an on-disk cache."""
 
     def __init__(self, embedding: EmbeddingConfig, catalog: Sequence[str | Path] = (),
-                 cache_dir: str | Path | None = None, embedder: Embedder | None = None):
+                 cache_dir: str | Path | None = None, embedder: Embedder | None = None,
+                 image_lora: str | Path | None = None):
+        """``image_lora``: a ``reward.clip_lora`` adapter folder to put on the image tower (its own cache)."""
         self.embedding = embedding
         self.fingerprint = embedder_fingerprint(embedding)
         self.embedder = embedder or load_embedder(embedding)
+        if image_lora is not None:
+            from reward.clip_lora import load_image_lora, lora_fingerprint
+
+            load_image_lora(self.embedder, image_lora)
+            self.fingerprint = lora_fingerprint(self.fingerprint, image_lora)
         self.logit_scale = float(self.embedder.logit_scale)
         self.images = CatalogImages(catalog)
         folder = Path(cache_dir) / self.fingerprint if cache_dir else None

@@ -22,7 +22,9 @@ with ``use_groups=False`` always sees the population: the group-agnostic baselin
 same size.
 
 Saved as ``config.json`` (``RewardModelConfig``) + ``model.safetensors`` with
-``save_pretrained`` / ``from_pretrained``.
+``save_pretrained`` / ``from_pretrained``; a model trained with the optional LoRA on the
+CLIP's image tower also holds ``clip_lora/`` (``reward.clip_lora``), which ``load_scorer``
+puts on the embedder.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class RewardModelConfig(BaseModel):
     group_features: list[str] = Field(default_factory=list, description="feature tokens, the columns of the feature matrix")
     embedding: EmbeddingConfig | None = Field(default=None, description="the embedder whose vectors the model reads")
     embedder_fingerprint: str | None = None
+    image_lora: str | None = Field(default=None, description="folder, inside the model's, of a LoRA on the CLIP's "
+                                                               "image tower (reward.clip_lora); None: the CLIP is frozen")
 
     @classmethod
     def for_groups(cls, embed_dim: int, groups: list[Group], **fields) -> "RewardModelConfig":

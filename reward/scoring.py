@@ -46,12 +46,18 @@ class GroupScores(BaseModel):
 
 def load_scorer(model_dir: str | Path, device: str = "cpu", embedding: EmbeddingConfig | None = None
                 ) -> tuple[RewardModel, Embedder]:
-    """The reward model and the embedder it was trained with (or ``embedding``, which must match its dimension)."""
+    """The reward model and the embedder it was trained with (or ``embedding``, which must match its dimension),
+    with the model's LoRA on the image tower when it has one."""
     model = RewardModel.from_pretrained(model_dir, device=device)
     config = embedding or model.config.embedding
     if config is None:
         raise ValueError(f"{model_dir} records no embedder; pass an EmbeddingConfig")
-    return model, load_embedder(config.model_copy(update={"device": device}))
+    embedder = load_embedder(config.model_copy(update={"device": device}))
+    if model.config.image_lora:
+        from reward.clip_lora import load_image_lora
+
+        load_image_lora(embedder, Path(model_dir) / model.config.image_lora)
+    return model, embedder
 
 
 def _as_image(image: Image.Image | str | Path) -> Image.Image:

@@ -3,7 +3,9 @@
 ``train_reward(config, progress)``: read impressions, split them by held-out items, embed
 every item and brief once (cached), then minibatch gradient descent through accelerate on
 the listwise / pairwise / mixed loss, with a held-out evaluation every epoch, early stopping
-on the held-out loss, and the best weights saved with ``save_pretrained``.
+on the held-out loss, and the best weights saved with ``save_pretrained``. With
+``clip_lora`` set, a second phase trains a LoRA on the CLIP's image tower together with the
+best model (``reward.clip_lora``); the adapter is saved in the model folder.
 
 Run folder::
 
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import EmbeddingConfig
 from genshop.run_log import append_log
+from reward.clip_lora import LORA_FOLDER, ClipLoraConfig, item_pixels, lora_fingerprint, save_image_lora, tune_image_lora
 from reward.curves import plot_training_curves
 from reward.data import ImpressionTensors, impression_tensors, predict
 from reward.features import EmbedderFeatures, FeatureSource
@@ -82,6 +85,8 @@ class RewardTrainingConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     log_every: int = Field(default=50, ge=1)
+    clip_lora: ClipLoraConfig | None = Field(default=None, description="None: the CLIP stays frozen; else phase 2 "
+                                             "trains a LoRA on its image tower with the model (reward.clip_lora)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,27 @@ def held_out_metrics(model: RewardModel, data: ImpressionTensors, device) -> dic
     rewards, no_choice = predict(model, data, device=device)
     mask, chosen = data.mask.numpy(), data.chosen.numpy()
     return {"val_loss": log_loss(rewards, mask, chosen, no_choice), "val_accuracy": accuracy(rewards, mask, chosen)}
+
+
+def train_image_lora(config: RewardTrainingConfig, model: RewardModel, features: FeatureSource,
+                     data: ImpressionTensors, train: ImpressionTensors, held: ImpressionTensors,
+                     generator: torch.Generator, device, report: ProgressCallback, log: Callable[[dict], None]) -> dict:
+    """Phase 2 (``reward.clip_lora``): every item's pixels once, then the adapters and the model together."""
+    if not isinstance(features, EmbedderFeatures):
+        raise ValueError("clip_lora tunes the CLIP's image tower: it needs an embedding config, not given features")
+    report(TrainProgress(0, 0, 0.0, message=f"phase 2: preprocessing {len(data.item_ids)} item images"))
+    pixels = item_pixels(features.embedder, data.item_ids, features.images.image)
+    report(TrainProgress(0, 0, 0.0, message="phase 2: LoRA on the CLIP image tower"))
+    best = tune_image_lora(
+        model.to(device), features.embedder, pixels, train, held, config.clip_lora,
+        lambda rewards, no_choice, mask, chosen: impression_loss(config.loss, rewards, no_choice, mask, chosen,
+                                                                 config.mix_weight),
+        held_out_metrics, log, generator, config.group_dropout,
+        lambda step, total, loss: report(TrainProgress(step, total, config.clip_lora.epochs * step / total, loss,
+                                                       message="phase 2 (LoRA on the CLIP)")))
+    report(TrainProgress(0, 0, best["epoch"], val_loss=best["val_loss"], val_accuracy=best["val_accuracy"],
+                         message=f"phase 2: best at epoch {best['epoch']}"))
+    return best
 
 
 def train_reward(config: RewardTrainingConfig, progress: ProgressCallback | None = None,
@@ -217,7 +243,16 @@ def train_reward(config: RewardTrainingConfig, progress: ProgressCallback | None
     # 4. the best weights, as a from_pretrained folder
     raw_model.load_state_dict(best["state"])
     append_log(log_path, {"event": "best", "epoch": best["epoch"], "val_loss": best["val_loss"]})
-    model_dir = raw_model.save_pretrained(out_dir / "model")
+    model_dir = out_dir / "model"
+    if config.clip_lora is not None:  # optional phase 2: LoRA on the CLIP's image tower, from the best model
+        tuned = train_image_lora(config, raw_model, features, data, train, held, generator, device, report,
+                                 lambda record: append_log(log_path, record))
+        append_log(log_path, {"event": "best", "phase": "clip_lora", **tuned})
+        if tuned["epoch"] > 0:  # else no adapter beat the frozen CLIP on held-out items: the model keeps it frozen
+            save_image_lora(features.embedder, model_dir / LORA_FOLDER)
+            raw_model.config.image_lora = LORA_FOLDER
+            raw_model.config.embedder_fingerprint = lora_fingerprint(features.fingerprint, model_dir / LORA_FOLDER)
+    raw_model.save_pretrained(model_dir)
     (out_dir / TRAINING_ITEMS).write_text("\n".join(data.item_ids[i] for i in np.unique(train.item_rows[train.mask].numpy()))
                                           + "\n", encoding="utf-8")
     plot_training_curves(log_path, out_dir / "curves.png")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from genshop.settings import REPO_ROOT
 from reward.evaluation import RewardEvalConfig, evaluate_reward
@@ -73,26 +73,32 @@ def test_training_holds_out_items_and_writes_a_complete_run_folder(trained):
     assert evaluation.items_seen_in_training == 0  # the eval catalog is disjoint
 
 
-TINY_OPEN_CLIP = {
-    "model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
-    "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest",
-                       "fill_color": 255},
-}
+def test_eval_splits_the_attribute_reader_ceiling_by_attribute(trained, tmp_path):
+    """With noisy features, reading one attribute (the rest from the labels) beats reading them all."""
+    from genshop.catalog_data import read_catalog
+    from genshop.understanding.categorize import fit_linear_heads, output_labels
+    from genshop.understanding.fitting import DEFAULT_TAXONOMY
+    from genshop.understanding.taxonomy import load_taxonomy
+
+    root, runs, _, _ = trained
+    features = SyntheticFeatures([root / "train.parquet", root / "eval.parquet"], dim=32, noise=1.0)
+    frame = read_catalog([root / "train.parquet"], with_images=False)
+    taxonomy = load_taxonomy(DEFAULT_TAXONOMY)
+    labelled = {name: frame[name].tolist() for name in output_labels(taxonomy) if name in frame}
+    heads = fit_linear_heads(features.item_embeddings(frame["product_id"].tolist()), labelled, taxonomy)
+    evaluation = evaluate_reward(RewardEvalConfig(
+        model=runs["group"], impressions=[root / "eval-imp.parquet"], catalog=[root / "eval.parquet"],
+        understanding=heads.save_pretrained(tmp_path / "heads"), simulator=GROUPS), features=features)
+    all_read = evaluation.models["attribute_reader"].bayes_fraction
+    one_read = {k: v for k, v in evaluation.measured.items() if k.startswith("reader_bayes_fraction_only_")}
+    assert set(one_read) == {f"reader_bayes_fraction_only_{name}_read" for name in labelled}
+    assert all_read < 0.95 and all(value > all_read for value in one_read.values()), (all_read, one_read)
 
 
-def test_cli_simulate_train_eval_score_on_a_tiny_random_clip(tmp_path):
-    import open_clip
-
+def test_cli_simulate_train_eval_score_on_a_tiny_random_clip(tmp_path, open_clip_dir):
     from genshop.cli_reward import reward, simulate
-    from genshop.embedding import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 
-    torch.manual_seed(0)
-    clip = tmp_path / "clip"
-    clip.mkdir()
-    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"]).state_dict().items()},
-              str(clip / OPEN_CLIP_WEIGHTS))
-    (clip / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
+    clip = open_clip_dir
     catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 120, seed=3)
     runner = CliRunner()
 
@@ -129,3 +135,97 @@ def test_cli_simulate_train_eval_score_on_a_tiny_random_clip(tmp_path):
     assert scores["groups"]["Q"]["fallback"] is True
     assert "scored as the population" in output
     assert len(read_impressions(tmp_path / "imp.parquet")) == 600
+
+
+@pytest.fixture(scope="module")
+def lora_data(tmp_path_factory):
+    """A synthetic catalog (images tinted by colour) and impressions of it."""
+    root = tmp_path_factory.mktemp("lora")
+    catalog = write_synthetic_catalog(root / "catalog.parquet", 160, seed=4)
+    frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=1500, k=4, seed=4))
+    write_impressions(frame, root / "imp.parquet")
+    return catalog, root / "imp.parquet"
+
+
+def lora_run(catalog, impressions, clip, out_dir, lora):
+    from genshop.embedding import EmbeddingConfig
+
+    torch.set_num_threads(1)
+    return train_reward(RewardTrainingConfig(
+        impressions=[impressions], catalog=[catalog], groups=GROUPS, embedding=EmbeddingConfig.for_directory(clip),
+        out_dir=out_dir, architecture=SMALL, max_epochs=3, batch_size=128, warmup_steps=5, holdout_fraction=0.3,
+        threads=1, clip_lora=lora))
+
+
+def test_optional_lora_on_the_clip_image_tower_is_trained_saved_and_served(tmp_path, open_clip_dir, lora_data):
+    """Phase 2 trains a LoRA on the CLIP's image tower with the model; scoring and eval embed images through it."""
+    import numpy as np
+    from peft import LoraConfig
+
+    from genshop.embedding import EmbeddingConfig, load_embedder
+    from reward.clip_lora import LORA_FOLDER, ClipLoraConfig
+    from reward.features import CatalogImages
+    from reward.model import RewardModel
+    from reward.scoring import load_scorer, score_images
+
+    catalog, impressions = lora_data
+    model_dir = lora_run(catalog, impressions, open_clip_dir, tmp_path / "run",
+                         ClipLoraConfig(rank=4, epochs=2, batch_size=64, learning_rate=3e-3, model_learning_rate=1e-3))
+    embedding = EmbeddingConfig.for_directory(open_clip_dir)
+
+    lora_dir = model_dir / LORA_FOLDER
+    assert LoraConfig.from_pretrained(str(lora_dir)).r == 4  # peft's own format
+    assert {p.name for p in lora_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    model = RewardModel.from_pretrained(model_dir)
+    assert model.config.image_lora == LORA_FOLDER
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    phase2 = [r for r in log if r.get("phase") == "clip_lora" and "epoch" in r and "event" not in r]
+    assert [r["epoch"] for r in phase2] == [0, 1, 2]
+    best = log[-1]
+    assert best["event"] == "best" and best["val_loss"] <= phase2[0]["val_loss"]  # never worse than phase 1's model
+
+    # the scorer embeds images through the adapter: the embeddings move away from the frozen CLIP's
+    images = CatalogImages([catalog])
+    some = [images.image(item) for item in sorted(images.product_ids)[:6]]
+    tuned_model, tuned_embedder = load_scorer(model_dir)
+    frozen = load_embedder(embedding).embed_images(some)
+    tuned = tuned_embedder.embed_images(some)
+    assert np.abs(tuned - frozen).max() > 1e-3
+    scores = score_images(tuned_model, tuned_embedder, some, "red tshirt", ["A"])["A"].rewards
+    assert len(scores) == 6 and len(set(np.round(scores, 6))) > 1
+
+    # eval reads the group model through its adapter and refuses an adapter it was not trained with
+    evaluation = evaluate_reward(RewardEvalConfig(model=model_dir, impressions=[impressions], catalog=[catalog],
+                                                  cache_dir=tmp_path / "cache"))
+    assert evaluation.models["group"].accuracy > evaluation.models["clip"].accuracy
+    weights = str(lora_dir / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # an adapter it was not trained with
+    with pytest.raises(ValueError, match="trained with embedder"):
+        evaluate_reward(RewardEvalConfig(model=model_dir, impressions=[impressions], catalog=[catalog],
+                                         cache_dir=tmp_path / "cache"))
+
+
+def test_an_adapter_that_does_not_beat_the_frozen_clip_is_not_kept(tmp_path, open_clip_dir, lora_data):
+    from reward.clip_lora import LORA_FOLDER, ClipLoraConfig
+    from reward.model import RewardModel
+
+    catalog, impressions = lora_data
+    model_dir = lora_run(catalog, impressions, open_clip_dir, tmp_path / "run",  # a step size that wrecks the model
+                         ClipLoraConfig(epochs=1, batch_size=64, learning_rate=50.0, model_learning_rate=50.0))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "best" and log[-1]["epoch"] == 0
+    assert RewardModel.from_pretrained(model_dir).config.image_lora is None
+    assert not (model_dir / LORA_FOLDER).exists()
+
+
+def test_lora_on_the_clip_needs_an_embedder_not_given_features(tmp_path):
+    from reward.clip_lora import ClipLoraConfig
+
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 80, seed=5)
+    frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=300, k=4, seed=5))
+    write_impressions(frame, tmp_path / "imp.parquet")
+    config = RewardTrainingConfig(impressions=[tmp_path / "imp.parquet"], groups=GROUPS, out_dir=tmp_path / "run",
+                                  architecture=SMALL, max_epochs=1, holdout_fraction=0.3, threads=1,
+                                  clip_lora=ClipLoraConfig())
+    with pytest.raises(ValueError, match="clip_lora tunes the CLIP's image tower"):
+        train_reward(config, features=SyntheticFeatures([catalog], dim=16))
