@@ -14,17 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from genshop.briefs import BriefError
+from genshop.cli_train import stderr, stdout
 from genshop.presets import ModelUnavailableError, PresetError
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, UnknownBriefError
 
-stderr = Console(stderr=True)
-stdout = Console()
 
 
 class InvalidInput(click.ClickException):

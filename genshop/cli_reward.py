@@ -13,13 +13,10 @@ import warnings
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from genshop.cli_train import _progress_bar, stage_progress
+from genshop.cli_train import _progress_bar, stage_progress, stderr, stdout
 
-stderr = Console(stderr=True)
-stdout = Console()
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)

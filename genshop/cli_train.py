@@ -7,6 +7,7 @@ a rich progress bar, and print the result.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -16,6 +17,8 @@ from rich.table import Table
 
 stderr = Console(stderr=True)
 stdout = Console()
+if not stdout.is_terminal and "COLUMNS" not in os.environ:
+    stdout.width = max(stdout.width, 160)  # tables written to a pipe or a file keep their columns
 
 PARQUET = click.Path(exists=True, dir_okay=False, path_type=Path)
 
