@@ -28,9 +28,9 @@ class BriefScorer:
 def load_brief_scorer(model_dir: str | Path, device: str = "cpu") -> BriefScorer:
     folder = Path(model_dir)
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*")):
+    for path in sorted(folder.rglob("*")):  # the CLIP LoRA folder, when there is one, included
         if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
     model, embedder = load_scorer(folder, device=device)
     return BriefScorer(model=model, embedder=embedder, model_id=f"{folder.name}@{digest.hexdigest()[:12]}")
 
