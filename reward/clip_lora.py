@@ -24,12 +24,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.embedding import Embedder
+
+if TYPE_CHECKING:
+    from reward.data import ImpressionTensors
+    from reward.model import RewardModel
 
 LORA_FOLDER = "clip_lora"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,7 +48,7 @@ class ClipLoraConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         default=None, description="module names in the embedder's model; default: the image tower's last stage")
-    epochs: int = Field(default=2, ge=1, description="phase-2 epochs (early stopping on held-out items)")
+    epochs: int = Field(default=2, ge=1, description="phase-2 epochs; the best on held-out items is kept")
     batch_size: int = Field(default=128, ge=1, description="impressions per phase-2 step")
     impressions_per_epoch: int | None = Field(default=None, ge=1, description="a phase-2 epoch sees at most this "
                                               "many training impressions, a fresh random subset each epoch")
@@ -147,7 +151,8 @@ def embed_pixels(embedder: Embedder, pixels: torch.Tensor, batch_size: int = 512
             for start in range(0, len(pixels), batch_size)])
 
 
-def tune_image_lora(model, embedder: Embedder, pixels: torch.Tensor, train, held, config: ClipLoraConfig,
+def tune_image_lora(model: RewardModel, embedder: Embedder, pixels: torch.Tensor, train: ImpressionTensors,
+                    held: ImpressionTensors, config: ClipLoraConfig,
                     loss_fn: Callable, held_out_metrics: Callable, log: Callable[[dict], None],
                     generator: torch.Generator, group_dropout: float,
                     on_step: Callable[[int, int, float], None] | None = None) -> dict:
