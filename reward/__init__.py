@@ -13,10 +13,11 @@ Imports the ``genshop`` core only; nothing in the core imports it.
 | ``losses`` | listwise softmax, pairwise Bradley–Terry, mixed; no-choice impressions |
 | ``data`` | impressions → index tensors over embedding matrices; batched prediction |
 | ``training`` | ``train_reward(config, progress)``: accelerate, early stopping on held-out items, curves |
+| ``clip_lora`` | the optional second phase: a peft LoRA on the CLIP's image tower, saved in the model folder |
 | ``metrics`` | accuracy (ties half), log-loss, calibration error, Bayes-optimal accuracy |
 | ``evaluation`` | ``evaluate_reward(config, progress)``: against group-agnostic, CLIP and Bayes |
-| ``ceiling`` | the attribute-reader ceiling: the exact hidden utilities over attributes read from the image features |
-| ``scoring`` | ``load_scorer`` / ``score_images``: what workers call |
+| ``ceiling`` | the attribute-reader ceiling: the exact hidden utilities over attributes read from the image features (or the labels) |
+| ``scoring`` | ``load_scorer`` / ``score_images``: what workers call (with the model's CLIP LoRA, if any) |
 | ``synthetic`` | a synthetic catalog and feature source for tests and demos |
 
 Score scale: a reward is a logit. Softmax over the rewards of images shown together gives
