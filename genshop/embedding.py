@@ -105,6 +105,11 @@ class Embedder:
     def embed_images(self, images: Sequence[Image.Image], progress: ProgressCallback | None = None) -> np.ndarray:
         return _batched(list(images), self.batch_size, self._image_features, progress)
 
+    def embed_pixels(self, pixels: torch.Tensor, progress: ProgressCallback | None = None) -> np.ndarray:
+        """``embed_images`` for pixels already preprocessed (``pixels``), e.g. held in memory for training."""
+        return _batched(pixels, self.batch_size, lambda batch: self.image_features(batch.float().to(self.device)),
+                        progress)
+
     def embed_texts(self, texts: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
         return _batched(list(texts), self.batch_size, self._text_features, progress)
 

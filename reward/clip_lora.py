@@ -143,14 +143,6 @@ def item_pixels(embedder: Embedder, items: Sequence[str], image_of: Callable, ba
                       for start in range(0, len(items), batch_size)])
 
 
-def embed_pixels(embedder: Embedder, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Unit-length image embeddings of preprocessed pixels, without gradients."""
-    with torch.no_grad():
-        return torch.cat([torch.nn.functional.normalize(embedder.image_features(
-            pixels[start:start + batch_size].float().to(embedder.device)).float(), dim=-1).cpu()
-            for start in range(0, len(pixels), batch_size)])
-
-
 def tune_image_lora(model: RewardModel, embedder: Embedder, pixels: torch.Tensor, train: ImpressionTensors,
                     held: ImpressionTensors, config: ClipLoraConfig,
                     loss_fn: Callable, held_out_metrics: Callable, log: Callable[[dict], None],
@@ -171,7 +163,7 @@ def tune_image_lora(model: RewardModel, embedder: Embedder, pixels: torch.Tensor
         embedder.model.eval()
         rows = torch.unique(held.item_rows[held.mask])
         embeddings = held.item_embeddings.clone()
-        embeddings[rows] = embed_pixels(embedder, pixels[rows])
+        embeddings[rows] = torch.from_numpy(embedder.embed_pixels(pixels[rows]))
         return held_out_metrics(model, dataclasses.replace(held, item_embeddings=embeddings), device)
 
     adapters = add_image_lora(embedder, config)  # zero-initialised: phase 2 starts where phase 1 ended

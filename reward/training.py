@@ -117,12 +117,10 @@ def held_out_metrics(model: RewardModel, data: ImpressionTensors, device) -> dic
     return {"val_loss": log_loss(rewards, mask, chosen, no_choice), "val_accuracy": accuracy(rewards, mask, chosen)}
 
 
-def train_image_lora(config: RewardTrainingConfig, model: RewardModel, features: FeatureSource,
+def train_image_lora(config: RewardTrainingConfig, model: RewardModel, features: EmbedderFeatures,
                      data: ImpressionTensors, train: ImpressionTensors, held: ImpressionTensors,
                      generator: torch.Generator, device, report: ProgressCallback, log: Callable[[dict], None]) -> dict:
     """Phase 2 (``reward.clip_lora``): every item's pixels once, then the adapters and the model together."""
-    if not isinstance(features, EmbedderFeatures):
-        raise ValueError("clip_lora tunes the CLIP's image tower: it needs an embedding config, not given features")
     report(TrainProgress(0, 0, 0.0, message=f"phase 2: preprocessing {len(data.item_ids)} item images"))
     pixels = item_pixels(features.embedder, data.item_ids, features.images.image)
     report(TrainProgress(0, 0, 0.0, message="phase 2: LoRA on the CLIP image tower"))
@@ -176,6 +174,8 @@ def train_reward(config: RewardTrainingConfig, progress: ProgressCallback | None
             raise ValueError("no embedding config and no feature source given")
         cache_dir = config.cache_dir or out_dir.parent / "cache" / "reward-embeddings"
         features = EmbedderFeatures(config.embedding, config.catalog, cache_dir)
+    if config.clip_lora is not None and not isinstance(features, EmbedderFeatures):
+        raise ValueError("clip_lora tunes the CLIP's image tower: it needs an embedding config, not given features")
     model_config = RewardModelConfig.for_groups(
         features.dim, groups, use_groups=config.use_groups, **config.architecture.model_dump(),
         embedding=getattr(features, "embedding", None), embedder_fingerprint=getattr(features, "fingerprint", None))

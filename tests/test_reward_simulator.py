@@ -81,7 +81,7 @@ def test_candidates_share_a_pool_and_cli_writes_parquet_or_jsonl(catalog, tmp_pa
 
 
 def test_the_attribute_reader_scores_a_perfect_reading_exactly_as_the_simulator_does(catalog):
-    from reward.ceiling import named_colour, reader_scores
+    from reward.ceiling import label_posteriors, named_colour, reader_scores
 
     spec = load_simulator_spec(GROUPS)
     frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=2000, k=4, seed=7))
@@ -89,7 +89,7 @@ def test_the_attribute_reader_scores_a_perfect_reading_exactly_as_the_simulator_
     row = {pid: i for i, pid in enumerate(items["product_id"])}
     labels = {column: sorted(set(items[column])) for column in ("master_category", "article_type", "colour", "usage",
                                                                   "gender")}
-    certain = {column: np.eye(len(values))[[values.index(v) for v in items[column]]] for column, values in labels.items()}
+    certain = {column: label_posteriors(items[column].tolist(), values) for column, values in labels.items()}
     item_rows = np.array([[row[p] for p in shown] for shown in frame["items"]])
     scores = reader_scores(spec, frame["group_id"].tolist(), frame["brief"].tolist(), item_rows, certain, labels)
 

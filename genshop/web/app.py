@@ -295,8 +295,9 @@ async def lifespan(_app: FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(lifespan=lifespan,title="GenShop", version="1", description="Designers' API: briefs on the generation queue, "
-                  "their variants with per-group reward scores and attributes, search, A/B exports.")
+    app = FastAPI(lifespan=lifespan, title="GenShop", version="1",
+                  description="Designers' API: briefs on the generation queue, their variants with per-group reward "
+                              "scores and attributes, search, A/B exports.")
     app.state.settings = settings
     app.state.store = Store(settings.database_url, settings.home)
     app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
