@@ -55,7 +55,7 @@ def test_unknown_group_falls_back_to_the_population_visibly(caplog):
     assert (scores["Z"].fallback, scores["Z"].scored_as) == (True, "population")
     assert (scores["A"].fallback, scores["A"].scored_as) == (False, "A")
     population = score_embeddings(model, images, brief, ["population"])["population"]
-    assert scores["Z"].rewards == pytest.approx(population.rewards, abs=1e-5)
+    assert scores["Z"].rewards == pytest.approx(population.rewards, rel=1e-4, abs=1e-4)  # BLAS kernels and thread counts differ in the last digits
     # the group-agnostic model reads every group as the population, without warnings
     agnostic = tiny_model(use_groups=False)
     with warnings.catch_warnings():
@@ -80,4 +80,4 @@ def test_score_images_batched_equals_one_at_a_time(open_clip_dir, tmp_path):
     assert len(batched["A"].rewards) == 7
     # the same model loads and scores with an embedder built by the caller
     direct = score_images(loaded, load_embedder(embedding), images[:2], "red kurta for women", ["B"])
-    assert direct["B"].rewards == pytest.approx(batched["B"].rewards[:2], abs=1e-5)
+    assert direct["B"].rewards == pytest.approx(batched["B"].rewards[:2], rel=1e-4, abs=1e-4)
