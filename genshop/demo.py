@@ -31,10 +31,11 @@ def run_demo(
     preset: str,
     progress_for: Callable[[BriefRecord], Callable[[Progress], None]] | None = None,
 ) -> tuple[list[BriefRecord], Path]:
-    """Generate the demo briefs into ``out_dir`` (its own SQLite store and images)."""
+    """Generate the demo briefs into ``out_dir``: its own SQLite store, images and index, so the
+    user's store and index are left exactly as they were."""
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{out_dir / 'genshop.db'}", out_dir)
-    models = load_local_models(preset)
+    models = load_local_models(preset, index_dir=out_dir / "index")
     records = []
     for brief in demo_briefs():
         record, _ = submit_brief(store, brief, preset)

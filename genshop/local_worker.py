@@ -10,6 +10,7 @@ reward model is configured, score (``reward.brief_scoring.score_brief``). A face
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from genshop.enrichment import Enricher, enrich_brief, enrich_config_from_settings, load_enricher
 from genshop.pipelines import LoadedPipeline, load_pipeline
@@ -25,14 +26,19 @@ class LocalModels:
     enricher: Enricher | None  # when an embedding model is configured
 
 
-def load_local_models(preset: str) -> LocalModels:
+def load_local_models(preset: str, index_dir: Path | None = None) -> LocalModels:
+    """The models the settings configure; ``index_dir`` replaces the settings' index folder
+    (``genshop demo`` indexes into its own folder, never the user's)."""
     settings = get_settings()
     scorer = None
     if settings.reward_model:
         from reward.brief_scoring import load_brief_scorer
 
         scorer = load_brief_scorer(settings.reward_model)
-    enricher = load_enricher(enrich_config_from_settings(settings)) if settings.embedding_model else None
+    enricher = None
+    if settings.embedding_model:
+        config = enrich_config_from_settings(settings)
+        enricher = load_enricher(config.model_copy(update={"index_dir": index_dir}) if index_dir else config)
     return LocalModels(pipeline=load_pipeline(preset), scorer=scorer, enricher=enricher)
 
 

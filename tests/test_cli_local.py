@@ -12,8 +12,9 @@ from tests.conftest import cli_json, free_port, run_cli, write_brief
 
 
 def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
-    """The embedded defaults (mini generator, the bundle's reward model), run from another folder."""
-    env = {k: v for k, v in env.items() if k not in ("GENSHOP_PRESET", "GENSHOP_REWARD_MODEL")}
+    """The embedded defaults (mini generator, the bundle's reward model and CLIP), run from another
+    folder: the demo's items go to its own store and index, the user's are left untouched."""
+    env = {k: v for k, v in env.items() if k not in ("GENSHOP_PRESET", "GENSHOP_REWARD_MODEL", "GENSHOP_EMBEDDING_MODEL")}
     env["GENSHOP_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     proc = run_cli(["demo", "--out", str(tmp_path / "demo")], env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -26,6 +27,9 @@ def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
     assert db.execute("select group_id, count(*) from scores group by group_id order by group_id").fetchall() == [
         ("A", 12), ("B", 12)]
     assert "contact sheet" in proc.stdout
+    assert db.execute("select count(*) from understandings").fetchone()[0] == 16
+    assert (tmp_path / "demo" / "index").is_dir()
+    assert not (tmp_path / "home").exists(), "the demo wrote into the user's GENSHOP_HOME"
 
 
 def test_submit_local_runs_in_process_without_redis(env, tmp_path):
