@@ -86,17 +86,44 @@ def _issues_from_validation(exc: ValidationError) -> list[FieldIssue]:
     return issues
 
 
-def parse_brief(data: Any, source: str = "brief") -> Brief:
+def limit_issues(values: dict, preset: Preset) -> list[FieldIssue]:
+    """The preset's limits on the sizes and step count that ``values`` sets (integers only;
+    other types are the schema's to reject)."""
+    limits, issues = preset.limits, []
+    for field in ("width", "height"):
+        value = values.get(field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if not limits.min_size <= value <= limits.max_size:
+            issues.append(FieldIssue(field, f"{value} is outside {limits.min_size}..{limits.max_size} for preset {preset.name!r}"))
+        elif value % limits.size_multiple:
+            issues.append(FieldIssue(field, f"{value} is not a multiple of {limits.size_multiple}"))
+    steps = values.get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > limits.max_steps:
+        issues.append(FieldIssue("steps", f"{steps} exceeds {limits.max_steps} for preset {preset.name!r}"))
+    return issues
+
+
+def parse_brief(data: Any, source: str = "brief", preset: Preset | None = None) -> Brief:
+    """Validate one brief. With a ``preset``, its limits are checked in the same pass, so one
+    error names every offending field (schema and limits alike) before any model loads."""
     if not isinstance(data, dict):
         raise BriefError([FieldIssue("(brief)", f"expected a mapping of fields, got {type(data).__name__}")], source)
     try:
-        return Brief.model_validate(data)
+        brief = Brief.model_validate(data)
     except ValidationError as exc:
-        raise BriefError(_issues_from_validation(exc), source) from None
+        issues = _issues_from_validation(exc)
+        named = {issue.field for issue in issues}
+        if preset is not None:
+            issues += [issue for issue in limit_issues(data, preset) if issue.field not in named]
+        raise BriefError(issues, source) from None
+    if preset is not None and (issues := limit_issues(brief.model_dump(), preset)):
+        raise BriefError(issues, source)
+    return brief
 
 
-def load_brief_file(path: str | Path) -> Brief:
-    """Read and validate one brief from a YAML or JSON file."""
+def load_brief_file(path: str | Path, preset: Preset | None = None) -> Brief:
+    """Read and validate one brief from a YAML or JSON file (and the ``preset``'s limits, if given)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -111,10 +138,19 @@ def load_brief_file(path: str | Path) -> Brief:
         raise BriefError([FieldIssue("(file)", f"not UTF-8 text (invalid byte at offset {exc.start})")], source) from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0]
-        raise BriefError([FieldIssue("(file)", f"not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}")], source) from None
-    return parse_brief(data, source)
+    except json.JSONDecodeError as exc:
+        raise BriefError([FieldIssue("(file)", f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")],
+                         source) from None
+    except yaml.YAMLError as exc:
+        raise BriefError([FieldIssue("(file)", f"not valid YAML: {_yaml_problem(exc)}")], source) from None
+    return parse_brief(data, source, preset)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, as ``<problem> (line L, column C)``."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def resolve_brief(brief: Brief, preset: Preset, rng: random.Random | None = None) -> Brief:
@@ -123,7 +159,7 @@ def resolve_brief(brief: Brief, preset: Preset, rng: random.Random | None = None
     The result has every setting pinned (a seed is drawn if none was given), so the
     stored brief regenerates the same images.
     """
-    d, limits = preset.defaults, preset.limits
+    d = preset.defaults
     resolved = brief.model_copy(update={
         "steps": brief.steps if brief.steps is not None else d.steps,
         "guidance_scale": brief.guidance_scale if brief.guidance_scale is not None else d.guidance_scale,
@@ -132,15 +168,6 @@ def resolve_brief(brief: Brief, preset: Preset, rng: random.Random | None = None
         "negative_prompt": brief.negative_prompt if brief.negative_prompt is not None else d.negative_prompt,
         "seed": brief.seed if brief.seed is not None else (rng or random.SystemRandom()).randint(0, MAX_SEED),
     })
-    issues = []
-    for field in ("width", "height"):
-        value = getattr(resolved, field)
-        if not limits.min_size <= value <= limits.max_size:
-            issues.append(FieldIssue(field, f"{value} is outside {limits.min_size}..{limits.max_size} for preset {preset.name!r}"))
-        elif value % limits.size_multiple:
-            issues.append(FieldIssue(field, f"{value} is not a multiple of {limits.size_multiple}"))
-    if resolved.steps > limits.max_steps:
-        issues.append(FieldIssue("steps", f"{resolved.steps} exceeds {limits.max_steps} for preset {preset.name!r}"))
-    if issues:
+    if issues := limit_issues(resolved.model_dump(), preset):
         raise BriefError(issues)
     return resolved

@@ -201,12 +201,13 @@ def serve(host: str, port: int) -> None:
 def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
     """Validate a brief file (YAML or JSON), store it and queue it."""
     from genshop.briefs import load_brief_file
+    from genshop.presets import load_preset
 
-    brief = load_brief_file(file)  # before the heavy imports: bad input fails fast
+    settings = get_settings()
+    brief = load_brief_file(file, load_preset(settings.preset))  # schema and limits, before the heavy imports
     from genshop.local_worker import load_local_models, run_locally
     from genshop.service import submit_brief
 
-    settings = get_settings()
     models = load_local_models(settings.preset) if local else None  # a model that cannot load stores nothing
     store = _store()
     try:

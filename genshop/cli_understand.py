@@ -12,7 +12,7 @@ import click
 from rich.table import Table
 
 from genshop.cli_train import PARQUET, _progress_bar, embedding_config, stage_progress, stdout
-from genshop.understanding.fitting import DEFAULT_TAXONOMY
+from genshop.settings import DEFAULT_TAXONOMY
 
 MODEL_HELP = "CLIP: a model folder (open_clip or transformers), or an open_clip architecture with --pretrained"
 

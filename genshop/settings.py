@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "genshop-mini"
+DEFAULT_TAXONOMY = REPO_ROOT / "configs" / "understanding" / "taxonomy.yaml"
 OFF = "off"
 DESIGNER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,23 @@ def test_cli_rejects_bad_input_with_exit_2_and_changes_nothing(name, env, tmp_pa
 def test_unknown_brief_id_is_invalid_input(env):
     proc = run_cli(["status", "no-such-brief"], env)
     assert proc.returncode == 2 and "no-such-brief" in proc.stderr
+
+
+def test_one_pass_names_schema_and_model_limit_errors_and_broken_yaml_its_line(env, tmp_path):
+    """Schema errors and the preset's limits in one message, from a CLI that loads no model
+    (torch is never imported to reject a brief), and broken YAML points at its line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('title: kurta\nwidth: 50\nsteps: 140\nvariants: "8"\n')
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("title: kurta\nwidth: [50\nsteps: 1\n")
+    script = ("import sys; from genshop.cli import main\n"
+              "try:\n    main([sys.argv[1], sys.argv[2]])\n"
+              "except SystemExit as e:\n    print('rc', e.code, 'torch' in sys.modules)\n")
+    for path, expected in ((bad, ["variants: Input should be a valid integer", "width: 50 is not a multiple of 8",
+                                  "steps: 140 exceeds 100"]),
+                           (broken, ["not valid YAML", "(line 3, column 6)"])):
+        proc = subprocess.run([sys.executable, "-c", script, "submit", str(path)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.stdout.strip() == "rc 2 False", proc.stdout + proc.stderr
+        for text in expected:
+            assert text in proc.stderr, proc.stderr

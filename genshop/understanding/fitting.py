@@ -22,13 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.catalog_data import embed_catalog_images, read_catalog
 from genshop.embedding import EmbeddingConfig, load_embedder
-from genshop.settings import REPO_ROOT
+from genshop.settings import DEFAULT_TAXONOMY
 from genshop.understanding.categorize import (ZeroShotClassifier, calibrate, fit_linear_heads, label_targets,
                                               output_labels)
 from genshop.understanding.fusion import fit_fusion, modality_embeddings
 from genshop.understanding.taxonomy import load_taxonomy
 
-DEFAULT_TAXONOMY = REPO_ROOT / "configs" / "understanding" / "taxonomy.yaml"
 ZERO_SHOT_CALIBRATION = "zero_shot_calibration.json"
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
