@@ -90,9 +90,17 @@ def _print_record(record: BriefRecord, store: Store, as_json: bool, with_items: 
     if record.error:
         stdout.print(f"  error: {record.error}", highlight=False, markup=False)
     if with_items:
-        table = Table("variant", "seed", "image")
-        for item in store.list_items(record.id):
-            table.add_row(str(item.variant), str(item.seed), str(store.images.path(item.image_path)))
+        from genshop.service import item_details
+
+        table = Table("variant", "seed", "model", "scores (group: reward)", "category", "image")
+        for item in item_details(store, record.id):
+            scores = " ".join(f"{s.group_id}: {s.score:+.2f}" for s in item.scores) or "-"
+            category = "-"
+            if item.understanding is not None:
+                article = item.understanding.categories.get("article_type", {})
+                category = f"{article.get('label') or 'abstained'} ({article.get('confidence', 0.0):.2f})"
+            table.add_row(str(item.variant), str(item.seed), item.model_id.rsplit("+", 1)[-1] if "+lora:" in item.model_id
+                          else "base", scores, category, str(store.images.path(item.image_path)))
         stdout.print(table)
 
 

@@ -49,5 +49,8 @@ def run_demo(
             scores.setdefault(score.item_id, []).append(f"{score.group_id}:{score.score:+.2f}")
         rows.append((f"{record.title} [{record.status}]", [Image.open(store.images.path(i.image_path)) for i in items]))
         captions.append([" ".join(scores.get(i.id, [f"v{i.variant} seed {i.seed}"])) for i in items])
-    sheet = save_contact_sheet(rows, out_dir / "contact-sheet.png", captions)
+    legend = (f"GenShop demo on preset {preset}. Under each variant, GROUP:REWARD is the group reward model's score "
+              "of that image for each target group of the brief (higher: the group is more likely to choose it; "
+              "comparable within a group, not across groups). Unscored variants show their index and seed.")
+    sheet = save_contact_sheet(rows, out_dir / "contact-sheet.png", captions, legend)
     return records, sheet

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from genshop.presets import load_preset, preset_names
-from tests.conftest import cli_json, free_port, run_cli, write_brief
+from tests.conftest import cli_json, free_port, invoke_cli, run_cli, write_brief
 
 
 def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
@@ -30,6 +30,10 @@ def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
     assert db.execute("select count(*) from understandings").fetchone()[0] == 16
     assert (tmp_path / "demo" / "index").is_dir()
     assert not (tmp_path / "home").exists(), "the demo wrote into the user's GENSHOP_HOME"
+    # the results table shows each variant's scores and category, not only --json
+    kurta = db.execute("select id from briefs where title like '%kurta%'").fetchone()[0]
+    table = invoke_cli(["results", kurta], {**env, "GENSHOP_HOME": str(tmp_path / "demo")}).stdout
+    assert table.count("A: +") + table.count("A: -") == 8 and "Kurtas (" in table, table
 
 
 def test_submit_local_runs_in_process_without_redis(env, tmp_path):
