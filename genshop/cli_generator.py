@@ -66,24 +66,35 @@ def train_judge(data, out, epochs, threads) -> None:
 
 
 @click.command("generator")
-@click.option("--pipeline", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--preset", default=None, help="generation preset: its pipeline, steps, guidance and size (default: GENSHOP_PRESET)")
+@click.option("--pipeline", type=click.Path(exists=True, file_okay=False), default=None,
+              help="a StableDiffusionPipeline folder instead of the preset's (the preset's settings still apply)")
 @click.option("--judge", type=click.Path(exists=True, file_okay=False), required=True)
-@click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet: the val split")
+@click.option("--data", type=PARQUET, multiple=True, required=True, help="catalog parquet of the split to grade")
 @click.option("--samples", type=int, default=400, show_default=True)
-@click.option("--steps", type=int, default=25, show_default=True)
-@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+@click.option("--guidance-scale", type=float, default=None, help="default: the preset's")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write the report here")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="PNG of generated beside real")
-def eval_generator(pipeline, judge, data, samples, steps, guidance_scale, json_out, grid) -> None:
-    """Judge images generated from val titles: category, article type and colour match; Fréchet distance."""
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="write every generated PNG and images.parquet / images.csv (path, prompt, seed, expected and judged labels)")
+def eval_generator(preset, pipeline, judge, data, samples, steps, guidance_scale, json_out, grid, out) -> None:
+    """Judge images generated from a split's titles: category, article type and colour match; Fréchet distance."""
     from genshop.evaluation.generator_eval import GeneratorEvalConfig, evaluate_generator, write_report
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+    from genshop.settings import get_settings
 
-    config = GeneratorEvalConfig(pipeline=pipeline, judge=judge, data=[str(p) for p in data], samples=samples,
-                                 steps=steps, guidance_scale=guidance_scale, grid=grid)
+    chosen = load_preset(preset or get_settings().preset)
+    d = chosen.defaults
+    config = GeneratorEvalConfig(pipeline=pipeline or ensure_weights(chosen), judge=judge, data=[str(p) for p in data],
+                                 samples=samples, steps=steps or d.steps,
+                                 guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+                                 width=d.width, height=d.height, grid=grid, out=out)
     with _progress_bar() as bar:
         task = bar.add_task("generate", total=samples, detail="")
         report = evaluate_generator(config, lambda done, total: bar.update(task, completed=done, total=total))
-    table = Table("measure", "generated", "judge on real photos", title=f"generator on {report.samples} val titles")
+    table = Table("measure", "generated", "judge on real photos", title=f"generator on {report.samples} {report.split} titles")
     for column, value in report.accuracy.items():
         table.add_row(f"{column} accuracy", f"{value:.3f}", f"{report.judge_accuracy_on_real[column]:.3f}")
     table.add_row("Fréchet distance (judge features)", f"{report.frechet_distance_judge:.3f}",
@@ -91,3 +102,5 @@ def eval_generator(pipeline, judge, data, samples, steps, guidance_scale, json_o
     stdout.print(table)
     if json_out:
         stdout.print(f"report: {write_report(report, json_out)}")
+    if out:
+        stdout.print(f"images and their table: {out}/images.parquet, {out}/images.csv")

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
+from PIL import Image
 
 from genshop.training.generator import GeneratorTrainingConfig, train_generator
 from genshop.run_log import read_log
@@ -73,8 +75,16 @@ def test_generator_eval_grades_generated_images_with_the_judge(setup, tmp_path):
                                                 epochs=1, batch_size=8, threads=1))
     report = evaluate_generator(GeneratorEvalConfig(
         pipeline=str(pipeline_dir), judge=str(judge_dir), data=[str(setup / "catalog.parquet")], samples=6, steps=2,
-        width=24, height=32, batch_size=3, grid=str(tmp_path / "grid.png")))
+        width=24, height=32, batch_size=3, grid=str(tmp_path / "grid.png"), out=str(tmp_path / "generated")))
+    assert report.split == "catalog"  # named from the data file, whatever split it holds
     assert report.samples == 6 and set(report.accuracy) == {"master_category", "article_type", "colour"}
+    # every image a PNG, and a table another judge can score the same images from
+    table = pd.read_parquet(tmp_path / "generated" / "images.parquet")
+    assert len(table) == 6 and table["seed"].tolist() == list(range(6))
+    assert {"image_path", "prompt", "expected_colour", "judged_colour"} <= set(table.columns)
+    assert all(Image.open(path).size == (24, 32) for path in table["image_path"])
+    assert pd.read_csv(tmp_path / "generated" / "images.csv")["prompt"].tolist() == table["prompt"].tolist()
+    assert report.accuracy["colour"] == pytest.approx((table["expected_colour"] == table["judged_colour"]).mean())
     assert all(0.0 <= v <= 1.0 for v in report.accuracy.values())
     assert report.frechet_distance_judge >= 0 and (tmp_path / "grid.png").stat().st_size > 1000
 
