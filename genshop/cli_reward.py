@@ -112,6 +112,8 @@ def train_command(impressions, catalog, clip, out_dir, groups, recipe, group_agn
         task = bar.add_task("train reward", total=None, detail="")
 
         def on_progress(p) -> None:
+            if p.notice:
+                bar.console.print(p.message, highlight=False, markup=False)
             detail = p.message
             if p.loss is not None:
                 detail = f"{p.message + '  ' if p.message else ''}epoch {p.epoch:.2f}  loss {p.loss:.3f}"

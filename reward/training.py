@@ -41,7 +41,7 @@ from reward.impressions import read_impression_files
 from reward.losses import impression_loss
 from reward.metrics import accuracy, log_loss
 from reward.model import RewardModel, RewardModelConfig
-from reward.splits import is_held_out, split_by_items
+from reward.splits import plan_split
 
 TRAINING_ITEMS = "training_items.txt"
 
@@ -76,6 +76,8 @@ class RewardTrainingConfig(BaseModel):
     max_epochs: int = Field(default=40, ge=1)
     patience: int = Field(default=5, ge=1, description="epochs without a better held-out loss before stopping")
     holdout_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of items held out for early stopping")
+    min_held_out: int = Field(default=500, ge=1, description="an item split holding out fewer impressions than this "
+                                                            "switches to the impression split (and says so)")
     split: Literal["items", "impressions"] = Field(
         default="items", description="hold out items (the default), or impressions when there are too few items "
                                      "for an item split (an A/B import shows a handful of listings per brief)")
@@ -98,6 +100,7 @@ class TrainProgress:
     val_loss: float | None = None
     val_accuracy: float | None = None
     message: str = ""
+    notice: bool = False  # a message to keep on the console and in the log (what the split kept and dropped)
 
 
 ProgressCallback = Callable[[TrainProgress], None]
@@ -160,11 +163,10 @@ def train_reward(config: RewardTrainingConfig, progress: ProgressCallback | None
     unknown = sorted(set(frame["group_id"]) - {g.id for g in groups})
     if unknown:
         raise ValueError(f"impressions name groups {unknown} that {config.groups} does not declare")
-    if config.split == "items":
-        train_rows, held_rows = split_by_items(frame["items"].tolist(), config.holdout_fraction)
-    else:
-        held_rows = np.array([is_held_out(i, config.holdout_fraction) for i in frame["impression_id"]], dtype=bool)
-        train_rows = ~held_rows
+    train_rows, held_rows, split = plan_split(frame["impression_id"].tolist(), frame["items"].tolist(), config.split,
+                                              config.holdout_fraction, config.min_held_out)
+    append_log(log_path, {"event": "split", **split.model_dump()})
+    report(TrainProgress(0, 0, 0.0, message=split.describe(), notice=True))
     if not train_rows.any() or not held_rows.any():
         raise ValueError(f"the {config.split} split left {train_rows.sum()} training and {held_rows.sum()} held-out "
                          "impressions; simulate with pools, change holdout_fraction, or (few items, as in an A/B "

@@ -67,7 +67,7 @@ def test_training_holds_out_items_and_writes_a_complete_run_folder(trained):
     trained_items = set((run / TRAINING_ITEMS).read_text().split())
     assert trained_items and not any(is_held_out(item, 0.2) for item in trained_items)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    start = log[0]
+    start = next(r for r in log if r.get("event") == "start")
     assert start["held_out_impressions"] > 0 and start["train_impressions"] > 0
     assert any("val_accuracy" in r for r in log) and log[-1]["event"] == "best"
     assert evaluation.items_seen_in_training == 0  # the eval catalog is disjoint
@@ -229,3 +229,26 @@ def test_lora_on_the_clip_needs_an_embedder_not_given_features(tmp_path):
                                   clip_lora=ClipLoraConfig())
     with pytest.raises(ValueError, match="clip_lora tunes the CLIP's image tower"):
         train_reward(config, features=SyntheticFeatures([catalog], dim=16))
+
+
+def test_the_split_says_what_it_kept_and_switches_when_too_few_items_are_held_out(tmp_path, trained):
+    """Impressions drawn across all items (no pools, as in a log from outside) mostly mix training
+    and held-out items: the item split would keep almost nothing held out, so the run switches to
+    the impression split, and the log says so; a pooled simulation keeps the item split whole."""
+    root, runs, _, _ = trained
+    kept = [r for r in map(json.loads, (root / "group" / "log.jsonl").read_text().splitlines()) if r.get("event") == "split"]
+    assert kept == [{"event": "split", "requested": "items", "used": "items", "train": kept[0]["train"],
+                     "held_out": kept[0]["held_out"], "dropped": 0, "reason": ""}]
+    assert kept[0]["train"] + kept[0]["held_out"] == 8000 and kept[0]["held_out"] >= 500
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 80, seed=5)
+    frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=600, k=4, seed=5, pools=1))
+    write_impressions(frame, tmp_path / "imp.parquet")
+    messages = []
+    train_reward(RewardTrainingConfig(impressions=[tmp_path / "imp.parquet"], groups=GROUPS, out_dir=tmp_path / "run",
+                                      architecture=SMALL, max_epochs=1, holdout_fraction=0.2, threads=1, min_held_out=50),
+                 lambda p: messages.append(p.message) if p.notice else None, features=SyntheticFeatures([catalog], dim=16))
+    split = next(r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+                 if r.get("event") == "split")
+    assert (split["requested"], split["used"]) == ("items", "impressions")
+    assert split["train"] + split["held_out"] == 600 and split["held_out"] >= 50
+    assert "fewer than 50" in split["reason"] and messages and "impressions are split instead" in messages[0]
