@@ -174,6 +174,8 @@ def eval_command(model, impressions, catalog, baseline, clip, no_clip_baseline, 
     with _progress_bar() as bar:
         report = evaluate_reward(config, stage_progress(bar))
     stdout.print(_eval_table(report))
+    for note in report.notes:
+        stderr.print(f"note: {note}", style="yellow", highlight=False, markup=False)
     passed = report.passed()
     for name, target in report.targets.items():
         stdout.print(f"{name}: {report.measured[name]:.4f} (target >= {target}) {'PASS' if passed[name] else 'FAIL'}")

@@ -85,6 +85,8 @@ class RewardEvalReport(BaseModel):
     models: dict[str, ModelMetrics]
     targets: dict[str, float] = Field(default_factory=dict)
     measured: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list, description="why a column is blank, which groups were scored as "
+                                                               "the population: printed with the table")
 
     def passed(self) -> dict[str, bool]:
         return {name: self.measured.get(name, float("nan")) >= target for name, target in self.targets.items()}
@@ -135,6 +137,21 @@ def attribute_readers(config: RewardEvalConfig, data: ImpressionTensors, frame: 
         for name in read:
             readers[f"only_{name}_read"] = scores({**truth, name: read[name]})
     return readers
+
+
+def eval_notes(model: RewardModel, frame: pd.DataFrame) -> list[str]:
+    """What the reader of the table must know: groups the model does not know, and why columns are blank."""
+    notes = []
+    counts = frame["group_id"].value_counts()
+    unknown = sorted(g for g in counts.index if model.group_index(g)[1])
+    if unknown:
+        notes.append(f"the model does not know group(s) {', '.join(unknown)}: their "
+                     f"{int(counts[unknown].sum())} impressions are scored as the population")
+    if not ("sim_probabilities" in frame and frame["sim_probabilities"].notna().all()):
+        notes.append("'× Bayes' is blank: no simulator probabilities in these impressions (not simulated)")
+    if not ("sim_disagree_any" in frame and frame["sim_disagree_any"].notna().all()):
+        notes.append("'disagree' columns are blank: no simulator disagreement flags in these impressions (not simulated)")
+    return notes
 
 
 def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None = None,
@@ -214,6 +231,7 @@ def evaluate_reward(config: RewardEvalConfig, progress: ProgressCallback | None 
         result.disagree_any = int(frame["sim_disagree_any"].fillna(False).sum())
         result.disagree_population = int(frame["sim_disagree_population"].fillna(False).sum())
     result.measured.update(reader_fractions)
+    result.notes = eval_notes(model, frame)
     group = models["group"]
     if group.bayes_fraction is not None:
         result.targets["group_bayes_fraction"] = TARGET_BAYES_FRACTION

@@ -252,3 +252,20 @@ def test_the_split_says_what_it_kept_and_switches_when_too_few_items_are_held_ou
     assert (split["requested"], split["used"]) == ("items", "impressions")
     assert split["train"] + split["held_out"] == 600 and split["held_out"] >= 50
     assert "fewer than 50" in split["reason"] and messages and "impressions are split instead" in messages[0]
+
+
+def test_eval_says_which_groups_it_does_not_know_and_why_columns_are_blank(trained, tmp_path):
+    """Imported impressions (no simulator columns) of a group the model never saw: the report names
+    the group and its count, and says why '× Bayes' and 'disagree' are blank."""
+    root, runs, _, _ = trained
+    frame = read_impressions(root / "eval-imp.parquet").head(400)
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("sim_")])
+    frame.loc[frame.index[:100], "group_id"] = "Z"
+    write_impressions(frame, tmp_path / "imported.parquet")
+    features = SyntheticFeatures([root / "train.parquet", root / "eval.parquet"], dim=32, noise=0.05)
+    report = evaluate_reward(RewardEvalConfig(model=runs["group"], impressions=[tmp_path / "imported.parquet"]),
+                             features=features)
+    assert report.models["group"].bayes_fraction is None and report.models["group"].accuracy_disagree_any is None
+    assert any("group(s) Z" in note and "100 impressions" in note for note in report.notes), report.notes
+    assert any("no simulator probabilities" in note for note in report.notes)
+    assert any("'disagree' columns are blank" in note for note in report.notes)
