@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -137,6 +139,24 @@ def open_clip_checkpoint(folder: str | Path) -> Path:
     return found[0]
 
 
+class _WeightsLoadedAfterwards(logging.Filter):
+    """open_clip's warnings for a model built with ``load_weights=False``, whose checkpoint is loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "initialized randomly" not in message and "Multiple checkpoints found" not in message
+
+
+@contextmanager
+def _quiet(filter_: logging.Filter):
+    root = logging.getLogger()
+    root.addFilter(filter_)
+    try:
+        yield
+    finally:
+        root.removeFilter(filter_)
+
+
 def _local_checkpoint(path: str) -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"open_clip checkpoint {path!r} is not a local file")
@@ -156,8 +176,9 @@ class OpenClipEmbedder(Embedder):
         folder = Path(config.model)
         if folder.is_dir():  # the folder's config; its checkpoint chosen here, as open_clip could pick a pickle
             name, checkpoint = f"local-dir:{folder}", open_clip_checkpoint(folder)
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, load_weights=False,
-                                                                                   device=self.device)
+            with _quiet(_WeightsLoadedAfterwards()):
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, load_weights=False,
+                                                                                       device=self.device)
             open_clip.load_checkpoint(self.model, str(checkpoint), device=self.device)
         else:
             name = config.model
