@@ -267,3 +267,19 @@ def test_the_reward_model_and_its_clip_lora_train_and_score_through_a_vit_and_si
     assert tuned.shape == frozen.embed_images(some).shape and np.abs(tuned - frozen.embed_images(some)).max() > 1e-3
     scores = score_images(tuned_model, tuned_embedder, some, "red tshirt", ["A", "B"])
     assert len(scores["A"].rewards) == 6 and scores["A"].rewards != scores["B"].rewards
+
+
+def test_default_lora_targets_are_the_last_stage_layers_the_image_tower_calls(open_clip_vit_dir, siglip_dir):
+    """The ViT's last block MLP; SigLIP's last vision layer and its pooling head's MLP, never the Linear layers
+    inside an ``nn.MultiheadAttention`` (its forward reads their weights, so a LoRA there would do nothing)."""
+    from genshop.embedding import EmbeddingConfig, load_embedder
+    from reward.clip_lora import default_target_modules
+
+    vit = load_embedder(EmbeddingConfig.for_directory(open_clip_vit_dir)).model
+    assert default_target_modules(vit) == ["visual.transformer.resblocks.1.mlp.c_fc",
+                                           "visual.transformer.resblocks.1.mlp.c_proj"]
+    siglip = default_target_modules(load_embedder(EmbeddingConfig.for_directory(siglip_dir)).model)
+    layer = "vision_model.encoder.layers.1."
+    assert sorted(siglip) == sorted([f"{layer}self_attn.{p}_proj" for p in "qkv"] + [f"{layer}self_attn.out_proj"]
+                                    + [f"{layer}mlp.fc1", f"{layer}mlp.fc2",
+                                       "vision_model.head.mlp.fc1", "vision_model.head.mlp.fc2"])
