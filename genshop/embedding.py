@@ -132,7 +132,7 @@ def open_clip_checkpoint(folder: str | Path) -> Path:
             return folder / name
     found = sorted(folder.glob("*.safetensors"))
     if not found:
-        raise FileNotFoundError(f"{folder} holds no .safetensors checkpoint (pickled .bin/.pt checkpoints are not loaded)")
+        raise FileNotFoundError(f"{folder} holds no .safetensors checkpoint (pickled .bin/.pt ones are not loaded)")
     if len(found) > 1:
         raise FileNotFoundError(f"{folder} holds {len(found)} checkpoints ({', '.join(p.name for p in found)}): "
                                 f"name the one to load {OPEN_CLIP_WEIGHTS}")

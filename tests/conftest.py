@@ -55,7 +55,8 @@ def write_tiny_open_clip(folder: Path, config: dict = TINY_OPEN_CLIP, checkpoint
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = open_clip.CLIP(**config["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / (checkpoint or OPEN_CLIP_WEIGHTS)))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / (checkpoint or OPEN_CLIP_WEIGHTS)))
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config))
     return model.eval()
 

@@ -108,7 +108,7 @@ def test_config_for_a_folder_without_a_model_says_so(tmp_path):
         EmbeddingConfig.for_directory(tmp_path)
 
 
-# ---------------------------------------------------------------- open_clip ViT from a checkpoint file, transformers SigLIP
+# -------------------------------------------------- open_clip ViT from a checkpoint file, transformers SigLIP
 
 ENCODER_DIMS = {"open_clip_vit": 16, "siglip": 32}
 
