@@ -100,7 +100,7 @@ def train_clip(data, out_dir, recipe, val_data, architecture, epochs, max_steps,
                    "architecture name with --pretrained, or a transformers hub id with --backend transformers")
 @click.option("--backend", type=click.Choice(["open_clip", "transformers"]), default=None,
               help="default: detected from the model folder")
-@click.option("--pretrained", default=None, help="open_clip: local checkpoint file for a built-in architecture")
+@click.option("--pretrained", default=None, help="open_clip: local .safetensors checkpoint file for a built-in architecture")
 @click.option("--data", "data", type=PARQUET, multiple=True, required=True, help="catalog parquet, e.g. catalog-val.parquet")
 @click.option("--prior-data", "prior_data", type=PARQUET, multiple=True,
               help="labelled catalog (the train split) whose label frequencies are the zero-shot label prior; "

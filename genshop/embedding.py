@@ -5,21 +5,29 @@ Two backends, chosen by ``EmbeddingConfig.backend``:
 - ``open_clip``: ``model`` is a folder holding ``open_clip_config.json`` (``model_cfg`` +
   ``preprocess_cfg``) and a safetensors checkpoint (the layout ``genshop train clip``
   writes, and the layout of open_clip models on the hub), or a built-in open_clip
-  architecture name with ``pretrained`` = a local checkpoint file (e.g. a LAION or
-  Marqo-ecommerce checkpoint copied onto the machine).
-- ``transformers``: ``model`` is a folder or hub id of a ``transformers.CLIPModel``.
+  architecture name (``ViT-B-32``, ``RN50``, ...) with ``pretrained`` = a local
+  ``.safetensors`` checkpoint file (e.g. a LAION or Marqo-ecommerce checkpoint copied onto
+  the machine). Any open_clip image tower (ModifiedResNet, ViT) loads through open_clip's
+  own factory; pickled checkpoints (``.bin``/``.pt``/``.pth``) are never loaded.
+- ``transformers``: ``model`` is a folder or hub id of a ``CLIPModel`` or a ``SiglipModel``
+  (told by its ``config.json``), loaded with the Auto classes; what differs between them
+  (text padding, the defaults for a bare folder) is ``TRANSFORMERS_ARCHITECTURES``.
 
 ``load_embedder(config)`` returns an ``Embedder`` with ``embed_images``, ``embed_texts``
 (batched, float32, unit length) and ``logit_scale`` (the model's learned temperature,
-exponentiated: similarity × logit_scale are the model's logits).
+exponentiated: similarity × logit_scale are the model's logits, up to SigLIP's
+``logit_bias``, which no softmax over images or labels sees).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
+OPEN_CLIP_CHECKPOINTS = (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.safetensors", "model.safetensors")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")  # .model: SentencePiece
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
@@ -40,8 +49,9 @@ class EmbeddingConfig(BaseModel):
 
     backend: Literal["open_clip", "transformers"]
     model: str = Field(description="open_clip: folder with open_clip_config.json, or a built-in architecture name; "
-                                   "transformers: CLIPModel folder or hub id")
-    pretrained: str | None = Field(default=None, description="open_clip with a built-in architecture: local checkpoint file")
+                                   "transformers: CLIPModel or SiglipModel folder or hub id")
+    pretrained: str | None = Field(default=None, description="open_clip with a built-in architecture: local "
+                                                             ".safetensors checkpoint file")
     device: str = "auto"
     batch_size: int = Field(default=256, ge=1)
     local_files_only: bool = Field(default=True, description="transformers: never reach the hub")
@@ -114,6 +124,47 @@ class Embedder:
         return _batched(list(texts), self.batch_size, self._text_features, progress)
 
 
+def open_clip_checkpoint(folder: str | Path) -> Path:
+    """The safetensors checkpoint in an open_clip model folder: open_clip's own file names first, else the only one."""
+    folder = Path(folder)
+    for name in OPEN_CLIP_CHECKPOINTS:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no .safetensors checkpoint (pickled .bin/.pt ones are not loaded)")
+    if len(found) > 1:
+        raise FileNotFoundError(f"{folder} holds {len(found)} checkpoints ({', '.join(p.name for p in found)}): "
+                                f"name the one to load {OPEN_CLIP_WEIGHTS}")
+    return found[0]
+
+
+class _WeightsLoadedAfterwards(logging.Filter):
+    """open_clip's warnings for a model built with ``load_weights=False``, whose checkpoint is loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "initialized randomly" not in message and "Multiple checkpoints found" not in message
+
+
+@contextmanager
+def _quiet(filter_: logging.Filter):
+    root = logging.getLogger()
+    root.addFilter(filter_)
+    try:
+        yield
+    finally:
+        root.removeFilter(filter_)
+
+
+def _local_checkpoint(path: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"open_clip checkpoint {path!r} is not a local file")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"open_clip checkpoint {path!r}: only .safetensors checkpoints are loaded, not pickles")
+    return path
+
+
 class OpenClipEmbedder(Embedder):
     backend = "open_clip"
 
@@ -123,13 +174,17 @@ class OpenClipEmbedder(Embedder):
         self.device = _resolve_device(config.device)
         self.batch_size = config.batch_size
         folder = Path(config.model)
-        if folder.is_dir():
-            name, pretrained = f"local-dir:{folder}", None
+        if folder.is_dir():  # the folder's config; its checkpoint chosen here, as open_clip could pick a pickle
+            name, checkpoint = f"local-dir:{folder}", open_clip_checkpoint(folder)
+            with _quiet(_WeightsLoadedAfterwards()):
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, load_weights=False,
+                                                                                       device=self.device)
+            open_clip.load_checkpoint(self.model, str(checkpoint), device=self.device)
         else:
-            name, pretrained = config.model, config.pretrained
-            if pretrained is not None and not Path(pretrained).is_file():
-                raise FileNotFoundError(f"open_clip checkpoint {pretrained!r} is not a local file")
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=self.device)
+            name = config.model
+            pretrained = config.pretrained and _local_checkpoint(config.pretrained)
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                                   device=self.device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.logit_scale = float(self.model.logit_scale.detach().exp())
@@ -144,13 +199,51 @@ class OpenClipEmbedder(Embedder):
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
 
 
-def _offline_tokenizer(max_length: int):
+def _offline_clip_tokenizer(model_config):
+    """CLIP's own BPE vocabulary, built offline (for a bare CLIPModel folder)."""
     from transformers import CLIPTokenizer
 
     from genshop.tokenizer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, model_max_length=max_length))
+        return CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer(tmp, model_max_length=model_config.text_config.max_position_embeddings))
+
+
+def _no_tokenizer(model_config):
+    raise FileNotFoundError(f"a {model_config.model_type} model folder needs its tokenizer files (tokenizer.json, "
+                            "or spiece.model with the sentencepiece package)")
+
+
+def _clip_image_processor(model_config):
+    from transformers import CLIPImageProcessor
+
+    size = model_config.vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _siglip_image_processor(model_config):
+    from transformers import SiglipImageProcessor
+
+    size = model_config.vision_config.image_size
+    return SiglipImageProcessor(size={"height": size, "width": size})  # squash to size, mean = std = 0.5
+
+
+@dataclass(frozen=True)
+class TransformersArchitecture:
+    """What differs between the image–text models of the transformers backend."""
+
+    text_padding: bool | str  # SigLIP's text tower pools the last position: pad to max_length, as it was trained
+    text_attention_mask: bool  # SigLIP was trained without one (its tokenizers return none)
+    tokenizer: Callable  # model config → tokenizer, for a bare model folder
+    image_processor: Callable  # model config → image processor, for a folder without preprocessor_config.json
+
+
+TRANSFORMERS_ARCHITECTURES = {  # by config.json's model_type
+    "clip": TransformersArchitecture(True, True, _offline_clip_tokenizer, _clip_image_processor),
+    "siglip": TransformersArchitecture("max_length", False, _no_tokenizer, _siglip_image_processor),
+}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 def _pooled(output) -> torch.Tensor:
@@ -162,25 +255,28 @@ class TransformersEmbedder(Embedder):
     backend = "transformers"
 
     def __init__(self, config: EmbeddingConfig):
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
         self.device = _resolve_device(config.device)
         self.batch_size = config.batch_size
         kwargs = {"local_files_only": config.local_files_only}
-        self.model = CLIPModel.from_pretrained(config.model, **kwargs).to(self.device).eval()
-        max_length = self.model.config.text_config.max_position_embeddings
+        model_config = AutoConfig.from_pretrained(config.model, **kwargs)
+        if model_config.model_type not in TRANSFORMERS_ARCHITECTURES:
+            raise ValueError(f"{config.model}: a {model_config.model_type!r} model; the transformers backend loads "
+                             f"{' and '.join(TRANSFORMERS_ARCHITECTURES)} models")
+        self.architecture = TRANSFORMERS_ARCHITECTURES[model_config.model_type]
+        self.model = AutoModel.from_pretrained(config.model, config=model_config, **kwargs).to(self.device).eval()
         folder = Path(config.model)
         local = folder.is_dir()
-        if not local or (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
-            self.tokenizer = CLIPTokenizer.from_pretrained(config.model, **kwargs)
-        else:  # a bare model folder: CLIP's own BPE vocabulary, built offline
-            self.tokenizer = _offline_tokenizer(max_length)
-        if not local or (folder / "preprocessor_config.json").is_file():
-            self.processor = CLIPImageProcessor.from_pretrained(config.model, **kwargs)
+        if not local or any((folder / name).is_file() for name in TOKENIZER_FILES):
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
         else:
-            size = self.model.config.vision_config.image_size
-            self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.max_length = min(max_length, self.tokenizer.model_max_length)
+            self.tokenizer = self.architecture.tokenizer(model_config)
+        if not local or (folder / "preprocessor_config.json").is_file():
+            self.processor = AutoImageProcessor.from_pretrained(config.model, **kwargs)
+        else:
+            self.processor = self.architecture.image_processor(model_config)
+        self.max_length = min(model_config.text_config.max_position_embeddings, self.tokenizer.model_max_length)
         self.logit_scale = float(self.model.logit_scale.detach().exp())
 
     def pixels(self, images):
@@ -190,9 +286,10 @@ class TransformersEmbedder(Embedder):
         return _pooled(self.model.get_image_features(pixel_values=pixels))
 
     def _text_features(self, texts):
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return _pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                    attention_mask=tokens["attention_mask"].to(self.device)))
+        tokens = self.tokenizer(list(texts), padding=self.architecture.text_padding, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        mask = tokens["attention_mask"].to(self.device) if self.architecture.text_attention_mask else None
+        return _pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device), attention_mask=mask))
 
 
 def load_embedder(config: EmbeddingConfig) -> Embedder:

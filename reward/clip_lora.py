@@ -58,24 +58,38 @@ class ClipLoraConfig(BaseModel):
 
 # ---------------------------------------------------------------- adapters on an embedder
 
+def _last_stage_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Module-name prefixes of the image tower's last stage, by architecture."""
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "attnpool"):  # open_clip ModifiedResNet
+        return "visual.layer4.", "visual.attnpool."
+    if visual is not None and hasattr(visual, "transformer"):  # open_clip VisionTransformer
+        return (f"visual.transformer.resblocks.{len(visual.transformer.resblocks) - 1}.mlp.",)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "clip":  # transformers CLIPModel
+        return f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}.", "visual_projection"
+    if model_type == "siglip":  # transformers SiglipModel: no projection, the pooling head makes the embedding
+        tower = "vision_model.vision_model" if hasattr(model.vision_model, "vision_model") else "vision_model"  # 4.x
+        layers = len(model.get_submodule(tower).encoder.layers)
+        return f"{tower}.encoder.layers.{layers - 1}.", f"{tower}.head."
+    raise ValueError(f"no default LoRA targets for a {type(model).__name__}; set clip_lora.target_modules")
+
+
 def default_target_modules(model: torch.nn.Module) -> list[str]:
     """The Linear and Conv2d layers of the image tower's last stage, by architecture.
 
     open_clip ModifiedResNet: ``layer4`` and the attention pool; open_clip ViT: the last
     block's MLP (its attention is ``nn.MultiheadAttention``, which bypasses its Linear
-    layers); transformers ``CLIPModel``: the last vision encoder layer and the projection.
+    layers); transformers ``CLIPModel``: the last vision encoder layer and the projection;
+    transformers ``SiglipModel``: the last vision encoder layer and the pooling head's MLP
+    (the head's attention is an ``nn.MultiheadAttention`` too).
     """
-    visual = getattr(model, "visual", None)
-    if visual is not None and hasattr(visual, "attnpool"):
-        prefixes = ("visual.layer4.", "visual.attnpool.")
-    elif visual is not None and hasattr(visual, "transformer"):
-        prefixes = (f"visual.transformer.resblocks.{len(visual.transformer.resblocks) - 1}.mlp.",)
-    elif hasattr(model, "vision_model"):
-        prefixes = (f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}.", "visual_projection")
-    else:
-        raise ValueError(f"no default LoRA targets for a {type(model).__name__}; set clip_lora.target_modules")
+    prefixes = _last_stage_prefixes(model)
+    bypassed = {f"{name}.{child}" for name, module in model.named_modules()
+                if isinstance(module, torch.nn.MultiheadAttention) for child, _ in module.named_modules() if child}
     names = [name for name, module in model.named_modules()
-             if name.startswith(prefixes) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+             if name.startswith(prefixes) and name not in bypassed
+             and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     if not names:
         raise ValueError(f"no Linear or Conv2d layers under {prefixes} in {type(model).__name__}")
     return names

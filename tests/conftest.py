@@ -33,8 +33,19 @@ TINY_OPEN_CLIP = {
 }
 
 
-def write_tiny_open_clip(folder: Path):
-    """A tiny random open_clip model saved as a folder the embedding interface loads; returns the model."""
+TINY_OPEN_CLIP_VIT = {  # open_clip's VisionTransformer image tower: two blocks, 8-pixel patches
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": TINY_OPEN_CLIP["model_cfg"]["text_cfg"],
+    },
+    "preprocess_cfg": {"size": 32, "mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]},
+}
+
+
+def write_tiny_open_clip(folder: Path, config: dict = TINY_OPEN_CLIP, checkpoint: str | None = None):
+    """A tiny random open_clip model saved as a folder the embedding interface loads (``open_clip_config.json``
+    and a safetensors checkpoint, by default named as open_clip names it); returns the model."""
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -43,10 +54,60 @@ def write_tiny_open_clip(folder: Path):
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / OPEN_CLIP_WEIGHTS))
-    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(TINY_OPEN_CLIP))
+    model = open_clip.CLIP(**config["model_cfg"])
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / (checkpoint or OPEN_CLIP_WEIGHTS)))
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config))
     return model.eval()
+
+
+TINY_SIGLIP_TEXTS = [  # what the tiny SigLIP's SentencePiece-style vocabulary is trained on
+    "women's red cotton kurta", "men's blue denim jeans", "black leather watch", "green running shoes",
+    "a photo of a product", "white tshirt", "silver watches", "brown handbag", "yellow saree", "apparel",
+    "footwear", "accessories", "topwear", "bottomwear", "casual", "formal", "ethnic", "sports", "summer",
+]
+TINY_SIGLIP_PREPROCESSOR = {  # a SigLIP preprocessor_config.json as on the hub, for 32-pixel images
+    "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+    "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+}
+
+
+def write_tiny_siglip(folder: Path):
+    """A tiny random transformers SiglipModel folder: weights, a Unigram (SentencePiece-style) tokenizer trained
+    offline on a few catalog strings, and a hand-written SigLIP image processor config; returns the model."""
+    import math
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(TINY_SIGLIP_TEXTS, trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=16).save_pretrained(folder)
+    config = SiglipConfig(
+        text_config={"vocab_size": tokenizer.get_vocab_size(), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                     "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8})
+    torch.manual_seed(0)
+    model = SiglipModel(config).eval()
+    with torch.no_grad():  # SigLIP's initial temperature and bias (post_init zeroes both)
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(TINY_SIGLIP_PREPROCESSOR, indent=2))
+    return model
+
+
 TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
@@ -206,6 +267,31 @@ def open_clip_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-open-clip")
     write_tiny_open_clip(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def open_clip_vit_dir(tmp_path_factory) -> Path:
+    """A tiny random open_clip ViT: its config and a checkpoint file of its own name, as an open_clip user has them."""
+    folder = tmp_path_factory.mktemp("tiny-open-clip-vit")
+    write_tiny_open_clip(folder, TINY_OPEN_CLIP_VIT, "tiny-vit-b-8.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers SigLIP model folder."""
+    folder = tmp_path_factory.mktemp("tiny-siglip")
+    write_tiny_siglip(folder)
+    return folder
+
+
+ENCODERS = ["open_clip_vit", "siglip"]  # the image–text encoders besides the tiny ResNet CLIP, by fixture name
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder_dir(request) -> Path:
+    """Each of the other encoders' tiny folder in turn (``open_clip_vit_dir``, ``siglip_dir``)."""
+    return request.getfixturevalue(f"{request.param}_dir")
 
 
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (ignored by git)

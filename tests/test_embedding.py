@@ -106,3 +106,82 @@ def test_transformers_backend_loads_a_local_clip_model(tmp_path, with_preprocess
 def test_config_for_a_folder_without_a_model_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither"):
         EmbeddingConfig.for_directory(tmp_path)
+
+
+# -------------------------------------------------- open_clip ViT from a checkpoint file, transformers SigLIP
+
+ENCODER_DIMS = {"open_clip_vit": 16, "siglip": 32}
+
+
+def noise_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("encoder", list(ENCODER_DIMS))
+def test_other_encoders_embed_images_and_texts_to_unit_vectors_independent_of_the_batch(request, encoder):
+    from genshop.embedding import embedder_fingerprint
+
+    folder = request.getfixturevalue(f"{encoder}_dir")
+    config = EmbeddingConfig.for_directory(folder, batch_size=4)
+    embedder = load_embedder(config)
+    dim = ENCODER_DIMS[encoder]
+    pictures = noise_images(5) + images(3)
+    embeddings = embedder.embed_images(pictures)
+    assert_unit_rows(embeddings, 8, dim)
+    similarity = embeddings @ embeddings.T
+    assert (similarity.argmax(axis=1) == np.arange(8)).all() and (similarity - np.eye(8)).max() < 0.9999
+    np.testing.assert_allclose(embedder.embed_images(pictures[5:6])[0], embeddings[5], atol=1e-5)
+    texts = embedder.embed_texts(["red kurta", "women's black leather running shoes with a long listing title " * 3,
+                                  "green"])
+    assert_unit_rows(texts, 3, dim)
+    assert not np.allclose(texts[0], texts[2], atol=1e-3)
+    # SigLIP pools the last position: its texts are padded to the full length, so a text's embedding never
+    # depends on the longest text it is batched with
+    np.testing.assert_allclose(embedder.embed_texts(["red kurta"])[0], texts[0], atol=1e-5)
+    assert embedder_fingerprint(config) != embedder_fingerprint(EmbeddingConfig.for_directory(
+        request.getfixturevalue("open_clip_dir")))
+
+
+def test_open_clip_vit_loads_its_config_and_its_safetensors_checkpoint_never_a_pickle(tmp_path):
+    from tests.conftest import TINY_OPEN_CLIP_VIT
+
+    source = write_tiny_open_clip(tmp_path / "vit", TINY_OPEN_CLIP_VIT, "my-finetune-epoch3.safetensors")
+    (tmp_path / "vit" / "open_clip_pytorch_model.bin").write_bytes(b"not a checkpoint")  # open_clip would prefer it
+    embedder = load_embedder(EmbeddingConfig.for_directory(tmp_path / "vit"))
+    assert type(embedder.model.visual).__name__ == "VisionTransformer"
+    pixels = embedder.pixels(images(2))
+    expected = torch.nn.functional.normalize(source.encode_image(pixels), dim=-1).detach().numpy()
+    np.testing.assert_allclose(embedder.embed_images(images(2)), expected, atol=1e-5)
+    assert embedder.logit_scale == pytest.approx(float(source.logit_scale.detach().exp()), rel=1e-5)
+
+    (tmp_path / "vit" / "my-finetune-epoch3.safetensors").rename(tmp_path / "vit.safetensors")
+    with pytest.raises(FileNotFoundError, match="no .safetensors checkpoint"):
+        load_embedder(EmbeddingConfig.for_directory(tmp_path / "vit"))
+    pickle = tmp_path / "vit-b-32.pt"
+    pickle.write_bytes(b"")
+    with pytest.raises(ValueError, match="only .safetensors"):
+        load_embedder(EmbeddingConfig(backend="open_clip", model="ViT-B-32", pretrained=str(pickle)))
+
+
+def test_siglip_loads_with_its_own_tokenizer_processor_and_temperature(siglip_dir):
+    from transformers import SiglipModel
+
+    embedder = load_embedder(EmbeddingConfig(backend="transformers", model=str(siglip_dir)))
+    assert type(embedder.model).__name__ == "SiglipModel" and embedder.logit_scale == pytest.approx(10.0)
+    source = SiglipModel.from_pretrained(siglip_dir).eval()
+    pixels = embedder.pixels(images(2))
+    assert pixels.shape == (2, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1  # SigLIP's mean = std = 0.5
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(source.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    np.testing.assert_allclose(embedder.embed_images(images(2)), expected.numpy(), atol=1e-5)
+    tokens = embedder.tokenizer(["red kurta"], padding="max_length", max_length=16)["input_ids"][0]
+    assert len(tokens) == 16 and tokens[-1] == 0 and 1 in tokens  # </s> then <pad> up to the model's length
+
+
+def test_transformers_backend_refuses_a_model_it_cannot_embed_with(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="loads clip and siglip models"):
+        load_embedder(EmbeddingConfig.for_directory(tmp_path))

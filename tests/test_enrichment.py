@@ -150,3 +150,56 @@ def test_with_a_product_vector_model_items_also_go_into_the_product_index(tmp_pa
     assert sorted(h["id"] for h in by_category) == sorted(h["id"] for h in by_image) and len(by_category) == 12
     assert [h["id"] for h in by_category] != [h["id"] for h in by_image]  # a different vector ranks differently
     assert (Path(env["GENSHOP_HOME"]) / "index" / "products" / "manifest.json").is_file()
+
+
+def test_the_enrich_stage_runs_a_stored_brief_through_a_vit_and_siglip(tmp_path, encoder_dir, open_clip_dir):
+    """A brief's stored items (one image twice) embedded, categorized, titled, checked for near-duplicates and
+    indexed by the open_clip ViT and by SigLIP; each encoder's understandings are its own."""
+    import numpy as np
+
+    from genshop.briefs import parse_brief
+    from genshop.embedding import EmbeddingConfig
+    from genshop.enrichment import EnrichConfig, enrich_brief, load_enricher, open_index
+    from genshop.service import submit_brief
+    from genshop.store import NewItem, Store
+    from genshop.understanding.search import search
+
+    store = Store(f"sqlite:///{tmp_path / 'genshop.db'}", tmp_path / "home")
+    record, _ = submit_brief(store, parse_brief({"title": "Women's red kurta", "variants": 4}), "tiny-random")
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    new_items = []
+    for variant, picture in enumerate(pictures + pictures[:1]):  # the last item is the first one's image again
+        sha, relative = store.images.put(picture)
+        new_items.append(NewItem(brief_id=record.id, variant=variant, prompt="women's red kurta", negative_prompt="",
+                                 seed=variant, steps=1, guidance_scale=1.0, width=48, height=40, model_id="test",
+                                 model_revision="0", image_sha256=sha, image_path=relative, timings={}))
+    store.add_items(new_items)
+    ids = [item.id for item in store.list_items(record.id)]
+
+    embedding = EmbeddingConfig.for_directory(encoder_dir)
+    enricher = load_enricher(EnrichConfig(embedding=embedding, index_dir=tmp_path / "index"))
+    understood = {u.item_id: u for u in enrich_brief(store, record.id, enricher)}
+    assert sorted(understood) == sorted(ids)
+    assert enricher.model_id.startswith(f"{encoder_dir.name}@")
+    dim = enricher.embedder.embed_texts(["kurta"]).shape[1]
+    for u in understood.values():
+        assert u.embedding_model == enricher.model_id and u.title
+        assert set(u.categories) == {"master_category", "sub_category", "article_type"}
+        vector = np.frombuffer(u.embedding, dtype="<f4")
+        assert vector.shape == (dim,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert understood[ids[3]].near_duplicate_of == ids[0]
+    assert understood[ids[3]].near_duplicate_similarity == pytest.approx(1.0, abs=1e-4)
+
+    index = open_index(tmp_path / "index")
+    assert len(index) == 4 and index.config.dim == dim
+    by_image = search(index, enricher.embedder, image=store.images.path(store.list_items(record.id)[1].image_path), k=1)
+    assert by_image[0].id == ids[1] and by_image[0].score == pytest.approx(1.0, abs=1e-4)
+    assert sorted(hit.id for hit in search(index, enricher.embedder, "red kurta", k=10)) == sorted(ids)
+    assert enrich_brief(store, record.id, enricher) == list(understood.values())  # done once per model
+
+    other = load_enricher(EnrichConfig(embedding=EmbeddingConfig.for_directory(open_clip_dir),
+                                       index_dir=tmp_path / "resnet-index"))
+    assert other.model_id != enricher.model_id
+    assert {u.embedding_model for u in enrich_brief(store, record.id, other)} == {other.model_id}
+    assert len(store.list_understandings(ids, enricher.model_id)) == 4
