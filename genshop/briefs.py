@@ -1,7 +1,7 @@
 """The Brief: what a designer asks for, validated field by field.
 
 A brief file is YAML or JSON holding one mapping. Anything wrong with it (unknown
-field, wrong type, out-of-range value, empty title, bytes that are not UTF-8, a file
+field, wrong type, out-of-range or non-finite value (NaN, ±Infinity), empty title, bytes that are not UTF-8, a file
 over ``MAX_BRIEF_FILE_BYTES``) raises ``BriefError`` listing every offending field, so
 callers can print them and exit 2 before anything is stored or enqueued.
 """
@@ -29,7 +29,7 @@ ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 class Brief(BaseModel):
     """A design brief. Optional generation settings fall back to the preset's defaults."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)  # NaN/±Infinity: refused
 
     title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     description: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)] = ""
