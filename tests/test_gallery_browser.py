@@ -31,6 +31,8 @@ def page(browser, api_service):
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: errors.append(message.text)
+            if "Content Security Policy" in message.text else None)  # the page keeps to its own CSP
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -107,3 +109,19 @@ def test_the_form_shows_field_errors_and_search_shows_results(page):
     page.wait_for_selector("#hits .variant img")
     assert page.locator("#hits .variant").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "gallery-search.png"), full_page=True)
+
+
+def test_sign_in_sets_an_httponly_cookie_the_page_cannot_read_and_sign_out_clears_it(page):
+    sign_in(page, "dana")
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "genshop_token"]
+    assert cookie["value"] == API_TOKENS["dana"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert "genshop_token" not in page.evaluate("document.cookie")
+    page.reload()  # the server's cookie keeps the designer signed in
+    page.wait_for_selector("#brief-form", state="visible")
+    assert "dana" in page.inner_text("#who")
+    page.click("#sign-out")
+    page.wait_for_selector("#login", state="visible")
+    assert not [c for c in page.context.cookies() if c["name"] == "genshop_token"]
+    page.reload()
+    page.wait_for_selector("#login", state="visible")
+    assert page.is_hidden("#app")
