@@ -10,7 +10,8 @@ a selector of the listings the arm shows for each brief of the experiment:
 | ``preset:NAME`` | generated items of briefs run with preset NAME |
 | ``model:ID`` | generated items made by model ID (a base pipeline, or base plus adapter) |
 
-The first arm is the control. Arm names are unique and weights are finite, in (0, 1e6]. Arm names, like experiment ids, are short slugs: they name
+The first arm is the control. Arm names are unique and weights finite, in (0, 1e6].
+Arm names, like experiment ids, are short slugs: they name
 files and folders, so they can never lead outside the export folder.
 
 Assignment of customers (or any unit: a customer id, a session, a group) to arms is a

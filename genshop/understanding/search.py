@@ -3,7 +3,8 @@
 A text query and an image query go through the same CLIP as the indexed items, so
 text→image and image→image search share one index. Queries are checked before anything
 runs: an empty text, an image file of 0 bytes, one that does not decode (a PNG text or ICC
-chunk that inflates past Pillow's ``MAX_TEXT_CHUNK`` included), or one larger than ``MAX_QUERY_PIXELS`` is a ``QueryError`` naming the field; the index is only read.
+chunk that inflates past Pillow's ``MAX_TEXT_CHUNK`` included), or one larger than
+``MAX_QUERY_PIXELS`` is a ``QueryError`` naming the field; the index is only read.
 """
 
 from __future__ import annotations
