@@ -47,6 +47,14 @@ class Brief(BaseModel):
     negative_prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
     client_reference: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None = None
 
+    @field_validator("title", "description", "article_type", "colour", "usage", "gender", "negative_prompt",
+                     "client_reference")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:  # PostgreSQL cannot store it; no prompt needs it
+            raise ValueError("must not contain NUL characters")
+        return value
+
     @field_validator("groups")
     @classmethod
     def _unique_groups(cls, groups: list[str]) -> list[str]:

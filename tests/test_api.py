@@ -252,6 +252,10 @@ def test_nan_and_infinity_in_a_brief_are_422_naming_the_field_and_nothing_is_sto
             assert [e["loc"] for e in response.json()["detail"]] == [["body", field]], response.text
     both = _post_raw(api, "/api/briefs", '{"title": "Red kurta", "guidance_scale": NaN, "width": -Infinity}')
     assert {tuple(e["loc"]) for e in both.json()["detail"]} == {("body", "guidance_scale"), ("body", "width")}
+    nul = api.post("/api/briefs", json={"title": "Red\u0000kurta", "client_reference": "r\u0000"})
+    assert {tuple(e["loc"]) for e in nul.json()["detail"]} == {("body", "title"), ("body", "client_reference")}
+    for path in ("/api/briefs/%00", "/api/briefs/" + "a" * 300, "/api/items/%00/image"):
+        assert api.get(path).status_code == 404, path
     assert api.get("/api/briefs").json() == before
 
 

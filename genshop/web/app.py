@@ -18,6 +18,7 @@ SameSite=Strict cookie (Secure on https, or as ``GENSHOP_API_COOKIE_SECURE`` say
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import uuid
 from contextlib import asynccontextmanager
@@ -51,6 +52,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEARCH_K = 100
 MAX_LIST_OFFSET = 1_000_000_000  # far past any designer's briefs, far inside the databases' 64-bit OFFSET
 MAX_TOKEN_CHARS = 512
+RECORD_ID = re.compile(r"[0-9a-f]{32}")  # brief, item and catalog product ids: any other string names nothing
 
 
 class Counterpart(BaseModel):
@@ -114,6 +116,8 @@ async def get_app_settings(request: Request) -> Settings:
 
 def owned_brief(brief_id: str, designer: str = Depends(current_designer),
                 store: Store = Depends(get_store)) -> BriefRecord:
+    if not RECORD_ID.fullmatch(brief_id):  # not looked up (a NUL byte, say, is an error in PostgreSQL)
+        raise HTTPException(404, f"no brief with id {brief_id[:64]!r}")
     try:
         return store.get_brief(brief_id, designer)
     except UnknownBriefError:
@@ -209,6 +213,8 @@ def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depe
 def item_image(item_id: str, designer: str = Depends(current_designer), store: Store = Depends(get_store)):
     """The image of one of the designer's generated items, or of a catalog product."""
     relative = None
+    if not RECORD_ID.fullmatch(item_id):
+        raise HTTPException(404, f"no item with id {item_id[:64]!r}")
     if generated := store.get_items([item_id]):
         if store.designer_of(generated[0].brief_id) == designer:
             relative = generated[0].image_path
@@ -295,8 +301,8 @@ def export(request_body: ExportRequest, designer: str = Depends(current_designer
     from genshop.experiments.export import ExportConfig, export_ab
 
     for brief_id in request_body.brief_ids:
-        if store.designer_of(brief_id) != designer:
-            raise HTTPException(404, f"no brief with id {brief_id!r}")
+        if not RECORD_ID.fullmatch(brief_id) or store.designer_of(brief_id) != designer:
+            raise HTTPException(404, f"no brief with id {brief_id[:64]!r}")
     experiment_id = f"exp-{uuid.uuid4().hex[:12]}"
     config = ExportConfig(out=settings.home / "exports" / experiment_id, arms=request_body.arms,
                           briefs=request_body.brief_ids, experiment_id=experiment_id, salt=request_body.salt,
