@@ -1,7 +1,7 @@
 """The Brief: what a designer asks for, validated field by field.
 
 A brief file is YAML or JSON holding one mapping. Anything wrong with it (unknown
-field, wrong type, out-of-range value, empty title, bytes that are not UTF-8, a file
+field, wrong type, out-of-range or non-finite value (NaN, ±Infinity), empty title, bytes that are not UTF-8, a file
 over ``MAX_BRIEF_FILE_BYTES``) raises ``BriefError`` listing every offending field, so
 callers can print them and exit 2 before anything is stored or enqueued.
 """
@@ -29,7 +29,7 @@ ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 class Brief(BaseModel):
     """A design brief. Optional generation settings fall back to the preset's defaults."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)  # NaN/±Infinity: refused
 
     title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     description: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)] = ""
@@ -46,6 +46,14 @@ class Brief(BaseModel):
     height: int | None = Field(default=None, ge=8, le=2048)
     negative_prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
     client_reference: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None = None
+
+    @field_validator("title", "description", "article_type", "colour", "usage", "gender", "negative_prompt",
+                     "client_reference")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:  # PostgreSQL cannot store it; no prompt needs it
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @field_validator("groups")
     @classmethod

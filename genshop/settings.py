@@ -55,6 +55,10 @@ class Settings(BaseModel):
                                                          "mapping) and GENSHOP_API_TOKENS ('alice:TOKEN,bob:TOKEN')")
     api_max_queued: int = Field(description="GENSHOP_API_MAX_QUEUED: queued briefs one designer may have")
     api_max_upload_bytes: int = Field(description="GENSHOP_API_MAX_UPLOAD_BYTES: largest request body (image uploads)")
+    api_public_docs: bool = Field(default=False, description="GENSHOP_API_PUBLIC_DOCS: 'true' serves /docs and "
+                                                             "/openapi.json without a token (default: a token is needed)")
+    api_cookie_secure: bool | None = Field(default=None, description="GENSHOP_API_COOKIE_SECURE: 'true'/'false' "
+                                           "forces the session cookie's Secure flag; default 'auto': set on https requests")
 
     @property
     def worker_queues(self) -> list[str]:
@@ -71,6 +75,18 @@ def _env(name: str, default: str) -> str:
 def _optional_path(name: str, default: Path | None) -> Path | None:
     value = _env(name, str(default) if default else "")
     return None if value in ("", OFF) else Path(value).expanduser().resolve()
+
+
+def _flag(name: str, default: str) -> bool | None:
+    """'true'/'false' (1/0, yes/no, on/off) → bool, 'auto' → None."""
+    value = _env(name, default).lower()
+    if value == "auto":
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: {value!r} is not true, false or auto")
 
 
 def _api_tokens() -> dict[str, SecretStr]:
@@ -124,4 +140,6 @@ def get_settings() -> Settings:
         api_tokens=_api_tokens(),
         api_max_queued=int(_env("GENSHOP_API_MAX_QUEUED", "10")),
         api_max_upload_bytes=int(_env("GENSHOP_API_MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))),
+        api_public_docs=bool(_flag("GENSHOP_API_PUBLIC_DOCS", "false")),
+        api_cookie_secure=_flag("GENSHOP_API_COOKIE_SECURE", "auto"),
     )

@@ -29,6 +29,8 @@ from genshop.briefs import Brief
 BriefStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 THREADS_PER_PROCESS = 8  # the most threads one process (the API server's pool) uses the store from at once
+MAX_COUNT = 10**15  # funnel counts: far above any shop's, far below BIGINT's 2**63 (sums of many rows stay in int64)
+QUEUE_LOCK_KEY = 1_701_000_017  # PostgreSQL advisory lock namespace of the per-designer queued-brief count
 ITEM_NAMESPACE = uuid.UUID("5f0c2a1e-6d3b-4c8e-9a7f-2b1d0e4c6a90")
 
 
@@ -275,10 +277,10 @@ class AbResult(BaseModel):
     listing_id: str
     arm: str
     group_id: str
-    impressions: int = Field(ge=0)
-    clicks: int = Field(ge=0)
-    add_to_carts: int = Field(ge=0)
-    purchases: int = Field(ge=0)
+    impressions: int = Field(ge=0, le=MAX_COUNT)
+    clicks: int = Field(ge=0, le=MAX_COUNT)
+    add_to_carts: int = Field(ge=0, le=MAX_COUNT)
+    purchases: int = Field(ge=0, le=MAX_COUNT)
 
 
 def catalog_product_id(product_id: str) -> str:
@@ -380,7 +382,10 @@ class Store:
         constraint decides, so concurrent submissions of one reference make one brief).
 
         With a ``designer``, the brief is recorded as theirs, and with ``max_queued`` it is
-        refused (``QueueLimitError``) if they already have that many briefs queued."""
+        refused (``QueueLimitError``) if they already have that many briefs queued. The count
+        and the insert hold a per-designer lock, so concurrent submissions never pass the
+        limit: SQLite's ``BEGIN IMMEDIATE`` (the database's write lock, across processes),
+        PostgreSQL's ``pg_advisory_xact_lock`` on the designer (other designers do not wait)."""
         row = BriefRow(
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
@@ -389,6 +394,7 @@ class Store:
         try:
             with self.sessions.begin() as session:
                 if designer is not None and max_queued is not None:
+                    self._lock_designer_queue(session, designer)
                     queued = session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow), "queued",
                                                                designer)) or 0
                     if queued >= max_queued:
@@ -404,6 +410,15 @@ class Store:
                 raise
             return existing, False
         return _to_record(row), True
+
+    def _lock_designer_queue(self, session, designer: str) -> None:
+        """Held until the transaction ends: the first statement of ``session``'s transaction."""
+        if self.engine.dialect.name == "sqlite":
+            # pysqlite opens its transaction lazily, before the first write: the count would run
+            # outside it. BEGIN IMMEDIATE takes the write lock now (busy_timeout waits for it).
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        elif self.engine.dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY, func.hashtext(designer))))
 
     def designer_of(self, brief_id: str) -> str | None:
         with self.sessions() as session:

@@ -30,6 +30,16 @@ is accepted by ``import_impressions``, which validates every row first and write
 unless all rows are valid: unknown items or groups, K < 2, a chosen item not among those
 shown, an item shown twice, per-item counts of the wrong length and duplicate impression ids
 are reported with the row (1-based) and impression id.
+
+Hostile input is refused row by row too (``genshop reward import`` exits 2): bytes that are
+not UTF-8, JSON nested too deeply, a Parquet file that cannot be read; numbers must be
+finite (NaN and ±Infinity are refused), counts at most ``MAX_COUNT``, timestamps Unix
+seconds from 1970 through 9999 (``MAX_UNIX_SECONDS``); strings are bounded: ``brief`` at most
+``MAX_BRIEF_CHARS`` characters, an item ``MAX_ITEM_CHARS``, at most ``MAX_ITEMS`` items shown.
+An item that is not a known catalog product id is an image path (relative to the source
+file's folder, or absolute) that must lie, after resolving links and ``..``, inside one of
+the image folders the caller names (``image_roots``; ``--images-root``, default: the
+source file's folder), and must be an image Pillow opens and verifies.
 """
 
 from __future__ import annotations
@@ -37,21 +47,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMAT_VERSION = 1
 VERSION_KEY = b"genshop.impressions.version"
 SOURCES = ("simulated", "ab_import", "manual")
 MAX_LISTED_ISSUES = 20
+MAX_BRIEF_CHARS = 4000
+MAX_ITEM_CHARS = 1024  # a catalog product id or an image path
+MAX_ITEMS = 100  # K, the items shown in one impression
+MAX_COUNT = 10**15  # per-item clicks and purchases: far inside int64
+MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_CHARS)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 SCHEMA = pa.schema([
     ("impression_id", pa.string()),
@@ -88,18 +109,18 @@ class ImpressionValidationError(ValueError):
 class Impression(BaseModel):
     """One impression row, validated on its own (cross-row checks are in ``validate_impressions``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     impression_id: str = Field(min_length=1, max_length=200)
     group_id: str = Field(min_length=1, max_length=64)
-    brief: str = ""
-    items: list[str]
-    chosen: str | None = None
-    clicks: list[int] | None = None
-    purchases: list[int] | None = None
+    brief: str = Field(default="", max_length=MAX_BRIEF_CHARS)
+    items: list[ItemId] = Field(max_length=MAX_ITEMS)
+    chosen: ItemId | None = None
+    clicks: list[Count] | None = Field(default=None, max_length=MAX_ITEMS)
+    purchases: list[Count] | None = Field(default=None, max_length=MAX_ITEMS)
     timestamp: datetime
     source: Literal["simulated", "ab_import", "manual"]
-    sim_probabilities: list[float] | None = None
+    sim_probabilities: list[Probability] | None = Field(default=None, max_length=MAX_ITEMS + 1)
     sim_disagree_any: bool | None = None
     sim_disagree_population: bool | None = None
 
@@ -114,6 +135,16 @@ class Impression(BaseModel):
             duplicate = next(item for item in items if items.count(item) > 1)
             raise ValueError(f"item {duplicate!r} is shown twice")
         return items
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _unix_seconds(cls, value):
+        """Numbers are Unix seconds (never milliseconds, as pydantic would guess for large ones)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not (math.isfinite(value) and 0 <= value <= MAX_UNIX_SECONDS):
+                raise ValueError(f"{value!r} is not a Unix time in seconds from 1970 through 9999")
+            return datetime.fromtimestamp(value, tz=timezone.utc)
+        return value
 
     @field_validator("timestamp")
     @classmethod
@@ -153,19 +184,19 @@ def _plain(value):
     return value
 
 
-def _timestamp(value):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    return value
-
-
 def read_raw_rows(path: str | Path) -> tuple[list[dict | None], list[str]]:
     """Rows of a JSONL or Parquet file as dicts, plus issues for lines that are not JSON objects."""
     path = Path(path)
     rows: list[dict | None] = []
     issues: list[str] = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                issues.append(f"row {number}: not UTF-8 text (invalid byte at offset {exc.start})")
+                rows.append(None)
+                continue
             if not line.strip():
                 rows.append(None)  # keeps row numbers equal to line numbers
                 continue
@@ -175,14 +206,23 @@ def read_raw_rows(path: str | Path) -> tuple[list[dict | None], list[str]]:
                 issues.append(f"row {number}: not valid JSON ({exc.msg})")
                 rows.append(None)
                 continue
+            except RecursionError:
+                issues.append(f"row {number}: JSON nested too deeply")
+                rows.append(None)
+                continue
             if not isinstance(row, dict):
                 issues.append(f"row {number}: expected a JSON object")
                 rows.append(None)
                 continue
             rows.append(row)
         return rows, issues
-    frame = pd.read_parquet(path)
-    for record in frame.to_dict("records"):
+    try:
+        frame = pd.read_parquet(path)
+        records = frame.to_dict("records")
+    except (OSError, ValueError, pa.ArrowException) as exc:  # truncated, corrupt, or not Parquet at all
+        raise ImpressionFormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]})") from None
+    for record in records:
         rows.append({key: _plain(value) for key, value in record.items()})
     return rows, issues
 
@@ -191,32 +231,62 @@ def read_raw_rows(path: str | Path) -> tuple[list[dict | None], list[str]]:
 
 def _describe(number: int, row: dict | None) -> str:
     impression_id = row.get("impression_id") if isinstance(row, dict) else None
+    if not isinstance(impression_id, str) or len(impression_id) > 200:
+        impression_id = None  # not a valid id: not worth repeating
     return f"row {number}" + (f" (impression {impression_id!r})" if impression_id else "")
+
+
+def is_image(path: Path) -> bool:
+    """Pillow opens and verifies the file, within its decompression-bomb limits."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
+        return True
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, it is not an image we can use
+        return False
 
 
 def validate_impressions(rows: list[dict | None], known_items: set[str] | None = None,
                          known_groups: set[str] | None = None, base_dir: Path | None = None,
                          existing_ids: Iterable[str] = (), default_source: str | None = None,
-                         first_row: int = 1) -> tuple[list[Impression], list[str]]:
+                         first_row: int = 1, image_roots: Iterable[str | Path] | None = None
+                         ) -> tuple[list[Impression], list[str]]:
     """Validate every row; returns the impressions and every issue found (each naming its row).
 
     An item is known when it is in ``known_items`` (catalog product ids) or is the path of an
-    existing image file (absolute, or relative to ``base_dir``), which is then stored absolute.
-    ``known_items=None`` and ``known_groups=None`` skip those checks.
+    image file (absolute, or relative to ``base_dir``) inside one of ``image_roots`` (default:
+    ``base_dir``) that Pillow can open, which is then stored absolute. ``known_items=None`` and
+    ``known_groups=None`` skip those checks.
     """
     issues: list[str] = []
     impressions: list[Impression] = []
     first_seen = {impression_id: "the existing file" for impression_id in existing_ids}
-    path_cache: dict[str, str | None] = {}
+    roots = [Path(root).resolve() for root in (image_roots if image_roots is not None else
+                                                [base_dir] if base_dir is not None else [])]
+    path_cache: dict[str, tuple[str | None, str]] = {}
 
-    def resolve(item: str) -> str | None:
+    def resolve(item: str) -> tuple[str | None, str]:
+        """(the stored item, or None and why not)."""
         if known_items is not None and item in known_items:
-            return item
+            return item, ""
         if item not in path_cache:
-            candidate = Path(item).expanduser()
+            candidate = Path(item)
             if not candidate.is_absolute() and base_dir is not None:
                 candidate = base_dir / candidate
-            path_cache[item] = str(candidate.resolve()) if candidate.is_file() else None
+            try:
+                resolved = candidate.resolve()
+                if not any(resolved.is_relative_to(root) for root in roots):  # not even looked at
+                    path_cache[item] = None, "outside"
+                elif not resolved.is_file():
+                    path_cache[item] = None, "missing"
+                elif not is_image(resolved):
+                    path_cache[item] = None, "not an image"
+                else:
+                    path_cache[item] = str(resolved), ""
+            except (OSError, ValueError):  # a NUL byte, a name too long
+                path_cache[item] = None, "missing"
         return path_cache[item]
 
     for offset, row in enumerate(rows):
@@ -227,8 +297,6 @@ def validate_impressions(rows: list[dict | None], known_items: set[str] | None =
         fields = dict(row)
         if default_source and not fields.get("source"):
             fields["source"] = default_source
-        if "timestamp" in fields:
-            fields["timestamp"] = _timestamp(fields["timestamp"])
         try:
             impression = Impression.model_validate(fields)
         except ValidationError as exc:
@@ -244,11 +312,16 @@ def validate_impressions(rows: list[dict | None], known_items: set[str] | None =
             first_seen[impression.impression_id] = f"row {number}"
         if known_groups is not None and impression.group_id not in known_groups:
             row_issues.append(f"unknown group {impression.group_id!r} (known: {', '.join(sorted(known_groups))})")
-        resolved = [resolve(item) for item in impression.items]
-        unknown = [item for item, found in zip(impression.items, resolved) if found is None]
-        if unknown:
-            row_issues.append(f"unknown item(s) {', '.join(repr(i) for i in unknown[:5])}: neither a catalog "
-                              f"product id nor an existing image file")
+        found = [resolve(item) for item in impression.items]
+        resolved = [path for path, _ in found]
+        for reason, problem in (("missing", "neither a catalog product id nor an existing image file"),
+                                ("outside", "not catalog product ids, and outside the image folders "
+                                            f"({', '.join(map(str, roots)) or 'none named'})"),
+                                ("not an image", "file(s) that are not images")):
+            bad = [item for item, (_, why) in zip(impression.items, found) if why == reason]
+            if bad:
+                label = "unknown item(s)" if reason == "missing" else "item(s)"
+                row_issues.append(f"{label} {', '.join(repr(i[:200]) for i in bad[:5])}: {problem}")
         issues += [f"{where}: {issue}" for issue in row_issues]
         if not row_issues:
             if resolved != impression.items:
@@ -336,19 +409,22 @@ class ImportReport(BaseModel):
 
 def import_impressions(source: str | Path, out: str | Path, known_items: set[str] | None = None,
                        known_groups: set[str] | None = None, append: bool = False,
-                       default_source: str | None = None) -> ImportReport:
+                       default_source: str | None = None,
+                       image_roots: Iterable[str | Path] | None = None) -> ImportReport:
     """Validate a JSONL or Parquet file of impressions and write it as version-1 Parquet to ``out``.
 
     All or nothing: any invalid row raises ``ImpressionValidationError`` (every bad row named)
     and ``out`` is left as it was. With ``append`` the rows are added to an existing ``out``
-    and their ids must not repeat its ids.
+    and their ids must not repeat its ids. Image items must lie inside ``image_roots``
+    (default: the source file's folder).
     """
     source, out = Path(source), Path(out)
     rows, issues = read_raw_rows(source)
     existing = read_impressions(out) if append and out.exists() else None
     impressions, row_issues = validate_impressions(
         rows, known_items, known_groups, base_dir=source.parent,
-        existing_ids=() if existing is None else existing["impression_id"].tolist(), default_source=default_source)
+        existing_ids=() if existing is None else existing["impression_id"].tolist(), default_source=default_source,
+        image_roots=image_roots)
     issues += row_issues
     if not any(row is not None for row in rows):
         issues.append("no impressions in the file")

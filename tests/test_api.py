@@ -46,7 +46,7 @@ def finished(api_service):
     return briefs, items
 
 
-def test_no_token_or_an_unknown_token_is_401_and_the_schema_and_gallery_are_public(api_service):
+def test_no_token_or_an_unknown_token_is_401_and_the_schema_needs_one_the_gallery_is_public(api_service):
     anonymous = client(api_service, None)
     for path in ("/api/me", "/api/briefs", "/api/search?q=kurta"):
         response = anonymous.get(path)
@@ -54,7 +54,10 @@ def test_no_token_or_an_unknown_token_is_401_and_the_schema_and_gallery_are_publ
     assert anonymous.post("/api/briefs", json={"title": "x"}).status_code == 401
     wrong = anonymous.get("/api/me", headers={"Authorization": "Bearer token-alicex"})
     assert wrong.status_code == 401
-    anonymous.cookies.set("genshop_token", API_TOKENS["bob"])  # the gallery's way
+    for path in ("/openapi.json", "/docs"):  # GENSHOP_API_PUBLIC_DOCS is off by default
+        assert anonymous.get(path).status_code == 401, path
+    assert "swagger" in client(api_service, "bob").get("/docs").text.lower()
+    anonymous.cookies.set("genshop_token", API_TOKENS["bob"])  # the cookie POST /api/session sets
     assert anonymous.get("/api/me").json()["designer"] == "bob"
 
     schema = anonymous.get("/openapi.json").json()
@@ -232,3 +235,217 @@ def test_a_broker_that_is_down_is_503_and_the_brief_is_not_kept(tmp_path, models
         assert api.get("/api/briefs").json() == [] and api.get("/api/me").json()["queued"] == 0
     finally:
         server.stop()
+
+
+# -- issue 17: faults, backlog and hostile input ---------------------------------------------------
+def _post_raw(api: httpx.Client, path: str, text: str) -> httpx.Response:
+    return api.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def test_nan_and_infinity_in_a_brief_are_422_naming_the_field_and_nothing_is_stored(api_service):
+    api = client(api_service, "bob")
+    before = api.get("/api/briefs").json()
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        for field in ("guidance_scale", "width"):
+            response = _post_raw(api, "/api/briefs", f'{{"title": "Red kurta", "{field}": {literal}}}')
+            assert response.status_code == 422, (field, literal, response.text)
+            assert [e["loc"] for e in response.json()["detail"]] == [["body", field]], response.text
+    both = _post_raw(api, "/api/briefs", '{"title": "Red kurta", "guidance_scale": NaN, "width": -Infinity}')
+    assert {tuple(e["loc"]) for e in both.json()["detail"]} == {("body", "guidance_scale"), ("body", "width")}
+    nul = api.post("/api/briefs", json={"title": "Red\u0000kurta", "client_reference": "r\u0000"})
+    assert {tuple(e["loc"]) for e in nul.json()["detail"]} == {("body", "title"), ("body", "client_reference")}
+    for path in ("/api/briefs/%00", "/api/briefs/" + "a" * 300, "/api/items/%00/image"):
+        assert api.get(path).status_code == 404, path
+    assert api.get("/api/briefs").json() == before
+
+
+def test_offsets_past_64_bits_or_in_exponent_form_are_422(api_service):
+    api = client(api_service, "bob")
+    for offset in ("9223372036854775808", "1e20", str(2**70), "-1"):
+        response = api.get("/api/briefs", params={"offset": offset})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "offset"], \
+            (offset, response.text)
+    assert api.get("/api/briefs", params={"offset": 1_000_000_000}).json() == []
+
+
+def _png_bomb(chunk_type: bytes) -> bytes:
+    """A 4x4 PNG (about 65 KB) whose zTXt or iCCP chunk inflates to 64 MB."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buffer, "PNG")
+    png = buffer.getvalue()
+    payload = (b"Comment\0\0" if chunk_type == b"zTXt" else b"icc\0\0") + zlib.compress(b"\0" * (64 << 20), 9)
+    chunk = struct.pack(">I", len(payload)) + chunk_type + payload + struct.pack(">I", zlib.crc32(chunk_type + payload))
+    return png[:33] + chunk + png[33:]  # right after the IHDR chunk
+
+
+def test_png_bombs_and_hostile_upload_filenames_are_422_on_the_image_field_or_ignored(api_service, finished):
+    _, items = finished
+    api = client(api_service)
+    for chunk_type in (b"zTXt", b"iCCP"):
+        bomb = _png_bomb(chunk_type)
+        assert len(bomb) < 70_000
+        response = api.post("/api/search", files={"image": ("bomb.png", bomb, "image/png")})
+        assert response.status_code == 422, (chunk_type, response.text)
+        assert response.json()["detail"][0]["loc"] == ["body", "image"]
+    png = api.get(items[1]["image_url"]).content
+    for name in ("query." + "x" * 300, "query\0.png", "../../etc/passwd", "x" * 1000 + ".png"):
+        response = api.post("/api/search", files={"image": (name, png, "image/png")}, data={"k": "1"})
+        assert response.status_code == 200, (name[:40], response.text)
+        assert response.json()[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    # a part header over the multipart parser's limit is refused before the route runs
+    assert api.post("/api/search", files={"image": ("x" * 20_000, png, "image/png")}).status_code == 400
+
+
+def test_exports_refuse_repeated_arm_names_and_weights_that_are_not_finite_or_too_large(api_service):
+    server, env = api_service
+    api = client(api_service, "bob")
+    exports = Path(env["GENSHOP_HOME"]) / "exports"
+    before = sorted(exports.iterdir()) if exports.exists() else []
+    arms = '[{"name": "a", "selector": "generated", "weight": %s}, {"name": "b", "selector": "generated"}]'
+    for weight in ("Infinity", "NaN", "1e308", "-1", "0"):
+        response = _post_raw(api, "/api/exports", '{"brief_ids": ["x"], "arms": %s}' % (arms % weight))
+        assert response.status_code == 422, (weight, response.text)
+        assert response.json()["detail"][0]["loc"][:3] == ["body", "arms", 0], response.text
+    twice = api.post("/api/exports", json={"brief_ids": ["x"], "arms": [
+        {"name": "same", "selector": "generated"}, {"name": "same", "selector": "catalog"}]})
+    assert twice.status_code == 422 and twice.json()["detail"][0]["loc"] == ["body", "arms"], twice.text
+    assert "'same'" in twice.json()["detail"][0]["msg"]
+    assert (sorted(exports.iterdir()) if exports.exists() else []) == before
+
+
+def test_every_answer_has_the_security_headers_and_api_json_is_not_cached(api_service, finished):
+    _, items = finished
+    api, anonymous = client(api_service), client(api_service, None)
+    answers = {"me": api.get("/api/me"), "401": anonymous.get("/api/me"), "422": api.get("/api/briefs?limit=0"),
+               "413": _post_raw(api, "/api/briefs", '{"title": "' + "a" * 70_000 + '"}'),
+               "image": api.get(items[0]["image_url"]), "page": anonymous.get("/"),
+               "script": anonymous.get("/static/gallery.js"), "docs": api.get("/docs")}
+    assert [a.status_code for a in answers.values()] == [200, 401, 422, 413, 200, 200, 200, 200]
+    for name, answer in answers.items():
+        headers = answer.headers
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY", name
+        assert headers["referrer-policy"] == "no-referrer", name
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], name
+    assert "script-src 'self';" in answers["page"].headers["content-security-policy"]
+    for name in ("me", "401", "422", "413"):
+        assert answers[name].headers["cache-control"] == "no-store", name
+    assert "immutable" in answers["image"].headers["cache-control"]
+
+
+def test_the_session_route_sets_an_httponly_strict_cookie_and_sign_out_clears_it(api_service):
+    anonymous = client(api_service, None)
+    refused = anonymous.post("/api/session", json={"token": "not-a-token"})
+    assert refused.status_code == 401 and "set-cookie" not in refused.headers
+    assert anonymous.post("/api/session", json={"token": ""}).status_code == 422
+    signed_in = anonymous.post("/api/session", json={"token": API_TOKENS["dana"]})
+    assert signed_in.status_code == 200 and signed_in.json()["designer"] == "dana"
+    cookie = signed_in.headers["set-cookie"]
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+    assert cookie.startswith(f"genshop_token={API_TOKENS['dana']};")
+    assert {"httponly", "path"} <= attributes and "samesite=strict" in cookie.lower() and "secure" not in attributes
+    assert anonymous.get("/api/me").json()["designer"] == "dana"  # the cookie now signs the client in
+    behind_tls = client(api_service, None).post("/api/session", json={"token": API_TOKENS["dana"]},
+                                                headers={"x-forwarded-proto": "https"})  # a TLS proxy on localhost
+    assert "secure" in {part.strip().lower() for part in behind_tls.headers["set-cookie"].split(";")}
+    signed_out = anonymous.delete("/api/session")
+    assert signed_out.status_code == 204 and 'genshop_token=""' in signed_out.headers["set-cookie"]
+    assert anonymous.get("/api/me").status_code == 401
+    bearer = client(api_service, "dana")  # tokens as Bearer work as before
+    assert bearer.get("/api/me").json()["designer"] == "dana"
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory, models_dir):
+    """`genshop serve` with no worker (briefs stay queued), a limit of 10, public docs and Secure cookies."""
+    from tests.conftest import ApiServer, make_env
+
+    home = tmp_path_factory.mktemp("idle-home")
+    designers = {f"racer{n}": f"token-racer{n}" for n in range(4)}
+    env = make_env(home, models_dir, GENSHOP_API_MAX_QUEUED="10", GENSHOP_API_PUBLIC_DOCS="true",
+                   GENSHOP_API_COOKIE_SECURE="true",
+                   GENSHOP_API_TOKENS=",".join(f"{d}:{t}" for d, t in designers.items()))
+    server = ApiServer(env, home / "server.log").wait_ready()
+    yield server, env, designers
+    server.stop()
+    import redis
+
+    from tests.conftest import TEST_REDIS_URL
+    redis.Redis.from_url(TEST_REDIS_URL).delete(env["GENSHOP_QUEUE"])
+
+
+def test_concurrent_submits_never_pass_the_queued_limit(idle_server):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _, designers = idle_server
+    for designer, token in designers.items():  # four runs of 40 submits at once against a limit of 10
+        barrier = threading.Barrier(40)
+        api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120,
+                           limits=httpx.Limits(max_connections=40))
+
+        def submit(n: int) -> int:
+            barrier.wait()
+            return api.post("/api/briefs", json={"title": f"Race {n}", "variants": 1}).status_code
+
+        with ThreadPoolExecutor(40) as pool:
+            codes = list(pool.map(submit, range(40)))
+        assert sorted(codes) == [201] * 10 + [429] * 30, (designer, codes)
+        assert api.get("/api/me").json()["queued"] == 10 and len(api.get("/api/briefs").json()) == 10
+        api.close()
+
+
+def test_docs_can_be_public_and_cookies_always_secure_by_setting(idle_server):
+    server, _, designers = idle_server
+    anonymous = httpx.Client(base_url=server.url, timeout=30)
+    assert anonymous.get("/openapi.json").json()["info"]["title"] == "GenShop"
+    assert anonymous.get("/docs").status_code == 200
+    assert anonymous.get("/api/me").status_code == 401  # the API itself still needs a token
+    signed_in = anonymous.post("/api/session", json={"token": designers["racer0"]})
+    assert "secure" in {part.strip().lower() for part in signed_in.headers["set-cookie"].split(";")}
+
+
+@pytest.fixture
+def postgres_store(tmp_path):
+    import os
+    import uuid
+
+    import psycopg
+
+    from genshop.store import Store
+
+    admin_url = os.environ.get("GENSHOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"genshop_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    store = Store(admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}",
+                  tmp_path / "files")
+    yield store
+    store.engine.dispose()
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_queued_limit_holds_under_concurrency_on_postgresql_too(postgres_store):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genshop.briefs import parse_brief
+    from genshop.store import QueueLimitError
+
+    for run in range(3):
+        barrier = threading.Barrier(40)
+
+        def submit(n: int) -> bool:
+            barrier.wait()
+            try:
+                postgres_store.create_brief(parse_brief({"title": f"Race {n}"}), "tiny-random", f"pg{run}", 10)
+                return True
+            except QueueLimitError:
+                return False
+
+        with ThreadPoolExecutor(40) as pool:
+            assert sum(pool.map(submit, range(40))) == 10
+        assert postgres_store.count_briefs("queued", f"pg{run}") == 10

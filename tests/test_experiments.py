@@ -273,3 +273,35 @@ def test_the_sample_ratio_check_counts_customers_and_flags_a_skewed_split():
         skewed_p.append(sample_ratio_check(manifest, [AbResult(**row) for row in frame.to_dict("records")]).p_value)
     assert flagged <= 1  # 0.012 expected; the old impression-level test flagged 2 of these 12
     assert max(skewed_p) < 1e-6
+
+
+def test_counts_past_64_bits_non_finite_weights_and_repeated_arms_are_refused_by_name(tmp_path, experiment_home):
+    from genshop.experiments.export import ExportConfig
+
+    env, _ = experiment_home
+    out = tmp_path / "exp-3"
+    assert invoke_cli(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(out)],
+                      env).returncode == 0
+    results = tmp_path / "results.csv"
+    assert invoke_cli(["simulate", "ab", "exp-3", "--customers", "200", "--out", str(results)], env).returncode == 0
+    good = pd.read_csv(results, dtype={"listing_id": str})
+    lines = results.read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    rows[1][header.index("impressions")] = str(2**63)  # row 2
+    rows[2][header.index("impressions")] = str(2**70)  # row 3
+    rows[3][header.index("clicks")] = "1e20"  # row 4
+    (tmp_path / "huge.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    proc = invoke_cli(["import", "ab-results", str(tmp_path / "huge.csv")], env)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr, proc.stdout)
+    for expected in ("row 2: impressions", "row 3: impressions", "row 4: clicks"):
+        assert expected in proc.stderr, (expected, proc.stderr)
+    assert _rows(Path(env["GENSHOP_HOME"]) / "genshop.db", "ab_results") == 0 and len(good) == len(rows)
+
+    for weights in ("inf,1", "nan,1", "1e308,1", "1,1e308"):
+        proc = invoke_cli(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--weights", weights,
+                           "--out", str(tmp_path / "exports" / "w")], env)
+        assert proc.returncode == 2 and "weight" in proc.stderr, (weights, proc.stderr)
+    assert not (tmp_path / "exports").exists()
+    with pytest.raises(ValueError, match="arm names must be unique"):
+        ExportConfig(out=tmp_path / "x", arms=[Arm(name="a", selector="catalog"), Arm(name="a", selector="generated")])

@@ -31,6 +31,8 @@ def page(browser, api_service):
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: errors.append(message.text)
+            if "Content Security Policy" in message.text else None)  # the page keeps to its own CSP
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -62,32 +64,32 @@ def test_submit_a_brief_in_the_form_see_progress_images_and_group_scores(page):
     page.wait_for_selector("#brief-view[data-brief-id]")
 
     # live progress: the bar moves while the worker denoises, then the brief succeeds
-    page.wait_for_function("(p => p.value > 0 && p.value < p.max)(document.querySelector('#progress')) && "
+    page.wait_for_function("() => (p => p.value > 0 && p.value < p.max)(document.querySelector('#progress')) && "
                            "!document.querySelector('#cancel').hidden", timeout=60_000, polling=50)
     page.wait_for_selector("#brief-status.succeeded", timeout=120_000)
     assert page.eval_on_selector("#progress", "p => p.value === p.max")
     assert page.inner_text("#progress-text").startswith("variants 6/6")
 
     # six variants with their images loaded, group A's from its LoRA, and a score for each group
-    page.wait_for_function("document.querySelectorAll('#variants .variant img').length === 6 && "
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant img').length === 6 && "
                            "[...document.querySelectorAll('#variants .variant img')]"
                            ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
-    page.wait_for_function("document.querySelectorAll('#variants .variant tr[data-group]').length === 12",
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant tr[data-group]').length === 12",
                            timeout=60_000)
     labels = page.locator("#variants .variant .images figure").all_inner_texts()
     assert labels == ["tuned A", "base"] * 3
-    page.wait_for_function("[...document.querySelectorAll('#variants .variant')].every(v => v.querySelector('.chips'))",
+    page.wait_for_function("() => [...document.querySelectorAll('#variants .variant')].every(v => v.querySelector('.chips'))",
                            timeout=60_000)
     assert page.locator("#briefs li").first.inner_text().startswith("Women's red ethnic kurta")
 
     # the same design for no group (base model only): back on the first brief, A's variants show base beside tuned
     page.fill(f"{form} [name=groups]", "")
     page.click(f"{form} button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#briefs li').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#briefs li').length === 2")
     base_id = page.locator("#briefs li").first.get_attribute("data-brief-id")
     page.wait_for_selector(f"#brief-view[data-brief-id='{base_id}'] #brief-status.succeeded", timeout=120_000)
     page.locator("#briefs li").nth(1).click()
-    page.wait_for_function("document.querySelectorAll('#variants .counterpart img').length === 3", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#variants .counterpart img').length === 3", timeout=30_000)
     pairs = [card.locator("figure").all_inner_texts() for card in page.locator("#variants .variant").all()]
     assert [len(p) for p in pairs] == [2, 1] * 3 and pairs[0] == ["tuned A", "base"]
     ARTIFACTS.mkdir(exist_ok=True)
@@ -107,3 +109,19 @@ def test_the_form_shows_field_errors_and_search_shows_results(page):
     page.wait_for_selector("#hits .variant img")
     assert page.locator("#hits .variant").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "gallery-search.png"), full_page=True)
+
+
+def test_sign_in_sets_an_httponly_cookie_the_page_cannot_read_and_sign_out_clears_it(page):
+    sign_in(page, "dana")
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "genshop_token"]
+    assert cookie["value"] == API_TOKENS["dana"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert "genshop_token" not in page.evaluate("document.cookie")
+    page.reload()  # the server's cookie keeps the designer signed in
+    page.wait_for_selector("#brief-form", state="visible")
+    assert "dana" in page.inner_text("#who")
+    page.click("#sign-out")
+    page.wait_for_selector("#login", state="visible")
+    assert not [c for c in page.context.cookies() if c["name"] == "genshop_token"]
+    page.reload()
+    page.wait_for_selector("#login", state="visible")
+    assert page.is_hidden("#app")

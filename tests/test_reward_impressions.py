@@ -80,9 +80,11 @@ def test_invalid_rows_are_each_named_and_nothing_is_imported(tmp_path):
 
 
 def test_foreign_parquet_and_image_paths_import_and_unversioned_files_are_refused(tmp_path):
+    from PIL import Image
+
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "b.png"):
-        (tmp_path / "imgs" / name).write_bytes(b"not really a png, only needs to exist")
+        Image.new("RGB", (8, 8), "red" if name == "a.png" else "blue").save(tmp_path / "imgs" / name)
     foreign = tmp_path / "ab-export.parquet"
     pd.DataFrame([row("x1", items=("imgs/a.png", "imgs/b.png"), chosen="imgs/b.png")]).to_parquet(foreign)
     with pytest.raises(ImpressionFormatError, match="genshop reward import"):
@@ -109,3 +111,77 @@ def test_cli_import_exits_2_naming_rows(tmp_path):
                                          "--catalog", str(catalog)])
     assert result.exit_code == 0, result.output
     assert len(read_impressions(tmp_path / "imp.parquet")) == 1
+
+
+def _invoke_import(tmp_path: Path, source: Path, *extra: str):
+    from genshop.cli_reward import reward
+
+    result = CliRunner().invoke(reward, ["import", str(source), "--out", str(tmp_path / "imp.parquet"), *extra])
+    assert not (tmp_path / "imp.parquet").exists()
+    return result
+
+
+def test_hostile_numbers_bytes_nesting_and_files_exit_2_naming_the_row(tmp_path):
+    source = write_jsonl(tmp_path / "bad.jsonl", [])
+    lines = [json.dumps(row("ok", items=("0", "1"), chosen="1"))]
+    lines += [json.dumps(row(f"t{n}", items=("0", "1"), timestamp=value)).replace('"@"', literal)
+              for n, (value, literal) in enumerate([(1e20, ""), ("@", "NaN"), (-1e15, ""), ("@", "Infinity")])]
+    lines.append(json.dumps(row("many-clicks", items=("0", "1"), clicks=[2**70, 0])))
+    lines.append(json.dumps(row("nan-prob", items=("0", "1"), sim_probabilities=[0.5, 0.5, 0.0])).replace("0.0]", "NaN]"))
+    lines.append(json.dumps(row("huge-brief", items=("0", "1"), brief="b" * 5_000_000)))
+    lines.append("[" * 100_000 + "]" * 100_000)
+    source.write_bytes("\n".join(lines).encode() + b"\n" + b'{"impression_id": "\xff\xfe"}\n')
+    from reward.synthetic import write_synthetic_catalog
+
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 3)
+    result = _invoke_import(tmp_path, source, "--catalog", str(catalog))
+    assert result.exit_code == 2, result.output
+    output = result.output
+    for number, expected in [(2, "timestamp"), (3, "timestamp"), (4, "timestamp"), (5, "timestamp"),
+                             (6, "clicks.0"), (7, "sim_probabilities.2"), (8, "brief"), (9, "nested too deeply"),
+                             (10, "not UTF-8")]:
+        assert any(line.strip().startswith(f"row {number}") and expected in line for line in output.splitlines()), \
+            (number, expected, output[-3000:])
+    assert "row 1 " not in output and "9 invalid row(s)" in output and len(output) < 20_000
+
+    truncated = tmp_path / "truncated.parquet"
+    pd.DataFrame([row("x", items=("0", "1"))]).to_parquet(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    result = _invoke_import(tmp_path, truncated, "--catalog", str(catalog))
+    assert result.exit_code == 2 and "not a readable Parquet file" in result.output, result.output
+
+
+def test_image_items_must_be_real_images_inside_the_named_folders(tmp_path):
+    from PIL import Image
+
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red" if name == "a.png" else "blue").save(shown / name)
+    (shown / "fake.png").write_bytes(b"not an image")
+    (shown / "link.png").symlink_to("/etc/hostname")
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [row("ok", items=(str(shown / "a.png"), str(shown / "b.png")), chosen=None)]
+    hostile = [("passwd", "/etc/passwd"), ("hostname", "/etc/hostname"), ("climb", "../" * 40 + "etc/passwd"),
+               ("fake", str(shown / "fake.png")), ("link", str(shown / "link.png"))]
+    source = write_jsonl(data / "log.jsonl", good + [row(name, items=(str(shown / "a.png"), item), chosen=None)
+                                                     for name, item in hostile])
+    result = _invoke_import(tmp_path, source, "--images-root", str(shown))
+    assert result.exit_code == 2, result.output
+    for number, (name, item) in enumerate(hostile, start=2):
+        problem = "not images" if name == "fake" else "outside the image folders"
+        assert f"row {number} (impression '{name}')" in result.output, (name, result.output)
+        line = next(line for line in result.output.splitlines() if f"impression '{name}'" in line)
+        assert problem in line, (name, line)
+    assert "5 invalid row(s)" in result.output
+
+    # without --images-root, only the source file's own folder is allowed
+    result = _invoke_import(tmp_path, write_jsonl(data / "good.jsonl", good))
+    assert result.exit_code == 2 and "outside the image folders" in result.output
+    from genshop.cli_reward import reward
+
+    ok = CliRunner().invoke(reward, ["import", str(data / "good.jsonl"), "--out", str(tmp_path / "imp.parquet"),
+                                     "--images-root", str(shown)])
+    assert ok.exit_code == 0, ok.output
+    assert read_impressions(tmp_path / "imp.parquet")["items"][0] == [str(shown / "a.png"), str(shown / "b.png")]

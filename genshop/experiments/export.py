@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genshop.experiments.manifest import (MANIFEST_FILE, Arm, ExperimentInputError, Listing, Manifest, ManifestArm,
-                                          ManifestItem, SLUG_PATTERN, file_sha256, inside)
+                                          ManifestItem, SLUG_PATTERN, file_sha256, inside, repeated_arm_names)
 from genshop.store import ITEM_NAMESPACE, BriefRecord, Store, UnknownBriefError, UnknownExperimentError
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
@@ -47,6 +47,13 @@ class ExportConfig(BaseModel):
     salt: str | None = Field(default=None, description="default: a fresh random salt, recorded in the manifest")
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     force: bool = False
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_names(cls, arms: list[Arm]) -> list[Arm]:
+        if repeated := repeated_arm_names(arms):
+            raise ValueError(f"arm names must be unique: {', '.join(map(repr, repeated))} repeated")
+        return arms
 
 
 def select_briefs(store: Store, brief_ids: list[str] | None) -> list[BriefRecord]:

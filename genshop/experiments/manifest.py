@@ -10,7 +10,8 @@ a selector of the listings the arm shows for each brief of the experiment:
 | ``preset:NAME`` | generated items of briefs run with preset NAME |
 | ``model:ID`` | generated items made by model ID (a base pipeline, or base plus adapter) |
 
-The first arm is the control. Arm names, like experiment ids, are short slugs: they name
+The first arm is the control. Arm names are unique and weights finite, in (0, 1e6].
+Arm names, like experiment ids, are short slugs: they name
 files and folders, so they can never lead outside the export folder.
 
 Assignment of customers (or any unit: a customer id, a session, a group) to arms is a
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
+MAX_ARM_WEIGHT = 1e6  # weights are relative: a finite, bounded range keeps every share a real number
 ASSIGNMENT = ("u = int(sha256(salt + ':' + unit_id).hexdigest()[:16], 16) / 2**64; "
               "arm = the first arm whose cumulative weight share exceeds u")
 
@@ -42,7 +44,7 @@ class ExperimentInputError(ValueError):
     """Bad experiment input; ``issues`` names each offending field or row. Nothing was written."""
 
     def __init__(self, issues: list[str], source: str = "experiment"):
-        self.issues = issues
+        self.issues, self.source = issues, source
         shown = issues[:20] + ([f"... and {len(issues) - 20} more"] if len(issues) > 20 else [])
         super().__init__(f"invalid {source}: " + "; ".join(shown))
 
@@ -52,7 +54,7 @@ class Arm(BaseModel):
 
     name: Slug
     selector: str = Field(pattern=r"^(catalog|generated|preset:[^,]+|model:[^,]+)$")
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=MAX_ARM_WEIGHT, allow_inf_nan=False)
 
     @property
     def kind(self) -> str:
@@ -61,6 +63,11 @@ class Arm(BaseModel):
     @property
     def value(self) -> str:
         return self.selector.partition(":")[2]
+
+
+def repeated_arm_names(arms: list[Arm]) -> list[str]:
+    names = [arm.name for arm in arms]
+    return sorted({name for name in names if names.count(name) > 1})
 
 
 def parse_arms(spec: str, weights: str | None = None) -> list[Arm]:
@@ -83,8 +90,7 @@ def parse_arms(spec: str, weights: str | None = None) -> list[Arm]:
             for error in errors:
                 issues.append(f"arms[{number}] {part!r}: {'.'.join(map(str, error['loc']))}: {error['msg']}"
                               + ("" if sep else " (expected NAME=SELECTOR)"))
-    names = [arm.name for arm in arms]
-    issues += [f"arms: arm name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    issues += [f"arms: arm name {n!r} is used twice" for n in repeated_arm_names(arms)]
     if issues:
         raise ExperimentInputError(issues, "--arms")
     return arms

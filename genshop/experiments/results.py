@@ -68,6 +68,12 @@ def read_result_rows(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def _short(value, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validate_results(frame: pd.DataFrame, store: Store, known_groups: set[str], source: str
                      ) -> tuple[Manifest, str, list[AbResult]]:
     """Every row checked against the experiment's manifest; raises with all problems, row by row."""
@@ -77,14 +83,14 @@ def validate_results(frame: pd.DataFrame, store: Store, known_groups: set[str], 
     try:
         experiment = store.get_experiment(experiment_id)
     except UnknownExperimentError:
-        raise ExperimentInputError([f"row 1: experiment_id {experiment_id!r} is unknown (export it first)"], source) from None
+        raise ExperimentInputError([f"row 1: experiment_id {_short(experiment_id)} is unknown (export it first)"], source) from None
     manifest = Manifest.model_validate(experiment.manifest)
     issues, results, seen = [], [], {}
     for number, row in enumerate(frame[list(RESULT_COLUMNS)].to_dict("records"), start=1):
         where = f"row {number}"
         row = {key: (None if isinstance(value, float) and np.isnan(value) else value) for key, value in row.items()}
         if str(row["experiment_id"]) != experiment_id:
-            issues.append(f"{where}: experiment_id {row['experiment_id']!r} differs from row 1's {experiment_id!r} "
+            issues.append(f"{where}: experiment_id {_short(row['experiment_id'])} differs from row 1's {experiment_id!r} "
                           "(one experiment per file)")
             continue
         for name in COUNTS:
@@ -95,16 +101,17 @@ def validate_results(frame: pd.DataFrame, store: Store, known_groups: set[str], 
             result = AbResult.model_validate({**row, "listing_id": str(row["listing_id"]), "arm": str(row["arm"]),
                                               "group_id": str(row["group_id"])})
         except ValidationError as exc:
-            issues += [f"{where}: {'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+            issues += [f"{where}: {'.'.join(map(str, e['loc']))}: {e['msg']} (got {_short(e.get('input'))})"
                        for e in exc.errors(include_url=False)]
             continue
         item = manifest.items.get(result.listing_id)
         if item is None:
-            issues.append(f"{where}: listing_id {result.listing_id!r} is not a listing of experiment {experiment_id!r}")
+            issues.append(f"{where}: listing_id {_short(result.listing_id)} is not a listing of experiment "
+                          f"{experiment_id!r}")
         elif item.arm != result.arm:
             issues.append(f"{where}: arm {result.arm!r} does not match listing {result.listing_id}'s arm {item.arm!r}")
         if result.group_id not in known_groups:
-            issues.append(f"{where}: group_id {result.group_id!r} is unknown (known: {', '.join(sorted(known_groups))})")
+            issues.append(f"{where}: group_id {_short(result.group_id)} is unknown (known: {', '.join(sorted(known_groups))})")
         for smaller, larger in zip(COUNTS[1:], COUNTS[:-1]):
             if getattr(result, smaller) > getattr(result, larger):
                 issues.append(f"{where}: {smaller} ({getattr(result, smaller)}) exceeds {larger} ({getattr(result, larger)})")

@@ -2,8 +2,9 @@
 
 A text query and an image query go through the same CLIP as the indexed items, so
 text→image and image→image search share one index. Queries are checked before anything
-runs: an empty text, an image file of 0 bytes, one that does not decode, or one larger
-than ``MAX_QUERY_PIXELS`` is a ``QueryError`` naming the field; the index is only read.
+runs: an empty text, an image file of 0 bytes, one that does not decode (a PNG text or ICC
+chunk that inflates past Pillow's ``MAX_TEXT_CHUNK`` included), or one larger than
+``MAX_QUERY_PIXELS`` is a ``QueryError`` naming the field; the index is only read.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def load_query_image(path: str | Path) -> Image.Image:
             return probe.convert("RGB")
     except Image.DecompressionBombError as exc:  # PIL's own refusal, far above our limit
         raise QueryError("image", f"{path} is too large ({exc})") from exc
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        # ValueError: Pillow's refusal of a text or ICC chunk that inflates past PngImagePlugin.MAX_TEXT_CHUNK
         raise QueryError("image", f"{path} is not a readable image ({exc})") from exc
 
 

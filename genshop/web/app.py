@@ -6,13 +6,19 @@ briefs and generated items: anyone else's answer 404, as if they did not exist. 
 products are shared. Bad input is 422 with the offending fields (FastAPI's ``detail``
 list, ``loc`` naming the field), a body over its limit 413, a designer at their
 queued-brief limit 429, and a queue that cannot be reached 503. Nothing is stored when a
-request is refused.
+request is refused. A 422 renders whatever was sent, NaN and ±Infinity included (as strings).
 
-The gallery (``/``) is one static page whose script uses this same API.
+The gallery (``/``) is one static page whose script uses this same API. It signs in with
+``POST /api/session`` (the token in the body), which answers with the token in an HttpOnly,
+SameSite=Strict cookie (Secure on https, or as ``GENSHOP_API_COOKIE_SECURE`` says); ``DELETE
+/api/session`` signs out. Every answer carries the headers of ``genshop.web.security``.
+``/docs`` and ``/openapi.json`` need a token unless ``GENSHOP_API_PUBLIC_DOCS`` is true.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import tempfile
 import uuid
 from contextlib import asynccontextmanager
@@ -22,25 +28,31 @@ from typing import Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
-from genshop.experiments.manifest import Arm, ExperimentInputError, Manifest
+from genshop.experiments.manifest import Arm, ExperimentInputError, Manifest, repeated_arm_names
 from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, enqueue_brief, item_details,
                              submit_brief)
 from genshop.settings import Settings, get_settings
 from genshop.store import THREADS_PER_PROCESS, BriefRecord, QueueLimitError, Store, UnknownBriefError
 from genshop.understanding.index import IndexInputError, VectorIndex
 from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
-from genshop.web.auth import current_designer
+from genshop.web.auth import TOKEN_COOKIE, current_designer, designer_for_token
 from genshop.web.limits import BodySizeLimit
+from genshop.web.security import SecurityHeaders
 from workers.app import enqueue_new_brief, revoke_task
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEARCH_K = 100
+MAX_LIST_OFFSET = 1_000_000_000  # far past any designer's briefs, far inside the databases' 64-bit OFFSET
+MAX_TOKEN_CHARS = 512
+RECORD_ID = re.compile(r"[0-9a-f]{32}")  # brief, item and catalog product ids: any other string names nothing
 
 
 class Counterpart(BaseModel):
@@ -75,11 +87,22 @@ class ExportRequest(BaseModel):
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     salt: str | None = Field(default=None, max_length=128)
 
+    @field_validator("arms")
+    @classmethod
+    def _unique_names(cls, arms: list[Arm]) -> list[Arm]:
+        if repeated := repeated_arm_names(arms):
+            raise ValueError(f"arm names must be unique: {', '.join(map(repr, repeated))} repeated")
+        return arms
+
 
 class Designer(BaseModel):
     designer: str
     queued: int
     max_queued: int
+
+
+class SessionRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_CHARS)
 
 
 # -- dependencies ---------------------------------------------------------------------------
@@ -93,6 +116,8 @@ async def get_app_settings(request: Request) -> Settings:
 
 def owned_brief(brief_id: str, designer: str = Depends(current_designer),
                 store: Store = Depends(get_store)) -> BriefRecord:
+    if not RECORD_ID.fullmatch(brief_id):  # not looked up (a NUL byte, say, is an error in PostgreSQL)
+        raise HTTPException(404, f"no brief with id {brief_id[:64]!r}")
     try:
         return store.get_brief(brief_id, designer)
     except UnknownBriefError:
@@ -148,7 +173,7 @@ def submit(brief: Brief, response: Response, designer: str = Depends(current_des
 
 @router.get("/briefs", response_model=list[BriefRecord])
 def list_briefs(status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_LIST_OFFSET),
                 designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> list[BriefRecord]:
     """The designer's briefs, newest first, a page at a time."""
     return store.list_briefs(status, designer, newest_first=True, limit=limit, offset=offset)
@@ -188,6 +213,8 @@ def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depe
 def item_image(item_id: str, designer: str = Depends(current_designer), store: Store = Depends(get_store)):
     """The image of one of the designer's generated items, or of a catalog product."""
     relative = None
+    if not RECORD_ID.fullmatch(item_id):
+        raise HTTPException(404, f"no item with id {item_id[:64]!r}")
     if generated := store.get_items([item_id]):
         if store.designer_of(generated[0].brief_id) == designer:
             relative = generated[0].image_path
@@ -258,7 +285,9 @@ def search_image(request: Request, image: UploadFile = File(description="query i
                  q: str | None = Form(None, max_length=MAX_QUERY_CHARS), k: int = Form(10, ge=1, le=MAX_SEARCH_K),
                  designer: str = Depends(current_designer)):
     """Image → image search (with ``q``, the image and the text combined)."""
-    with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix) as upload:
+    # the client's filename is used for nothing (an over-long or NUL-bearing one cannot fail here):
+    # Pillow recognizes the format by its bytes
+    with tempfile.NamedTemporaryFile(suffix=".upload") as upload:
         upload.write(image.file.read())
         upload.flush()
         return _search(request, designer, q, Path(upload.name), k)
@@ -272,8 +301,8 @@ def export(request_body: ExportRequest, designer: str = Depends(current_designer
     from genshop.experiments.export import ExportConfig, export_ab
 
     for brief_id in request_body.brief_ids:
-        if store.designer_of(brief_id) != designer:
-            raise HTTPException(404, f"no brief with id {brief_id!r}")
+        if not RECORD_ID.fullmatch(brief_id) or store.designer_of(brief_id) != designer:
+            raise HTTPException(404, f"no brief with id {brief_id[:64]!r}")
     experiment_id = f"exp-{uuid.uuid4().hex[:12]}"
     config = ExportConfig(out=settings.home / "exports" / experiment_id, arms=request_body.arms,
                           briefs=request_body.brief_ids, experiment_id=experiment_id, salt=request_body.salt,
@@ -281,7 +310,53 @@ def export(request_body: ExportRequest, designer: str = Depends(current_designer
     try:
         return export_ab(store, config)
     except ExperimentInputError as exc:
-        raise field_errors([("brief_ids", issue) for issue in exc.issues]) from None
+        field = "arms" if exc.source == "--arms" else "brief_ids"
+        raise field_errors([(field, issue) for issue in exc.issues]) from None
+
+
+# -- the gallery's session ----------------------------------------------------------------------
+sessions = APIRouter(prefix="/api")
+
+
+def _secure_cookie(request: Request, settings: Settings) -> bool:
+    return settings.api_cookie_secure if settings.api_cookie_secure is not None else request.url.scheme == "https"
+
+
+@sessions.post("/session", response_model=Designer, responses={401: {"description": "the token is not valid"}})
+def sign_in(body: SessionRequest, request: Request, response: Response, store: Store = Depends(get_store),
+            settings: Settings = Depends(get_app_settings)) -> Designer:
+    """Sign in the gallery: the server keeps the token in an HttpOnly, SameSite=Strict cookie
+    (Secure on https), which the page's script cannot read."""
+    designer = designer_for_token(request.app.state.tokens, body.token)
+    if designer is None:
+        raise HTTPException(401, "the token is not valid", headers={"WWW-Authenticate": "Bearer"})
+    response.set_cookie(TOKEN_COOKIE, body.token, path="/", httponly=True, samesite="strict",
+                        secure=_secure_cookie(request, settings))
+    return Designer(designer=designer, queued=store.count_briefs("queued", designer),
+                    max_queued=settings.api_max_queued)
+
+
+@sessions.delete("/session", status_code=204)
+async def sign_out(request: Request, response: Response, settings: Settings = Depends(get_app_settings)) -> None:
+    """Sign out: the cookie is cleared."""
+    response.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=_secure_cookie(request, settings))
+
+
+def _json_safe(value):
+    """Non-finite floats (which JSON has no literal for) as strings, in any nesting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, which cannot fail: the input it echoes may hold NaN or ±Infinity."""
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
 
 # -- the app --------------------------------------------------------------------------------
@@ -295,15 +370,28 @@ async def lifespan(_app: FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(lifespan=lifespan, title="GenShop", version="1",
+    app = FastAPI(lifespan=lifespan, title="GenShop", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Designers' API: briefs on the generation queue, their variants with per-group reward "
                               "scores and attributes, search, A/B exports.")
     app.state.settings = settings
     app.state.store = Store(settings.database_url, settings.home)
     app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
     app.include_router(router)
+    app.include_router(sessions)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodySizeLimit, default=settings.api_max_upload_bytes,
-                       limits={"/api/briefs": MAX_BRIEF_FILE_BYTES, "/api/exports": MAX_BRIEF_FILE_BYTES})
+                       limits={"/api/briefs": MAX_BRIEF_FILE_BYTES, "/api/exports": MAX_BRIEF_FILE_BYTES,
+                               "/api/session": 4 * MAX_TOKEN_CHARS})
+    app.add_middleware(SecurityHeaders)  # outermost: the 413s of BodySizeLimit carry the headers too
+    docs = [] if settings.api_public_docs else [Depends(current_designer)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs)
+    async def swagger_ui():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="GenShop API")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -1,5 +1,6 @@
 // The gallery: a brief form, live progress, the variants with their scores and attributes, search.
-// Everything goes through the same /api as any client; the token lives in a SameSite cookie.
+// Everything goes through the same /api as any client. Signing in posts the token to /api/session,
+// which keeps it in an HttpOnly, SameSite=Strict cookie set by the server: this script never stores it.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -23,9 +24,16 @@ async function api(path, options = {}) {
 }
 
 // -- sign in ------------------------------------------------------------------------------
-function setToken(token) {
-  document.cookie = token ? `genshop_token=${encodeURIComponent(token)}; path=/; SameSite=Strict`
-    : "genshop_token=; path=/; max-age=0; SameSite=Strict";
+async function signIn(token) {
+  const response = await fetch("/api/session", {
+    method: "POST", credentials: "same-origin", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token }),
+  });
+  return response.ok;
+}
+
+async function signOut() {
+  await fetch("/api/session", { method: "DELETE", credentials: "same-origin" });
 }
 
 function showLogin(message = "") {
@@ -57,11 +65,12 @@ async function refreshDesigner() {
 
 $("#login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  setToken($("#token").value.trim());
-  await start();
-  if (!$("#login").hidden) $("#login-error").textContent = "Your token was not accepted.";
+  const accepted = await signIn($("#token").value.trim());
+  $("#token").value = "";
+  if (accepted) await start();
+  if (!accepted || !$("#login").hidden) { ++signIns; showLogin("Your token was not accepted."); }
 });
-$("#sign-out").addEventListener("click", () => { setToken(""); showLogin(); });
+$("#sign-out").addEventListener("click", async () => { ++signIns; await signOut(); showLogin(); });
 
 // -- briefs -------------------------------------------------------------------------------
 function briefFromForm(form) {
