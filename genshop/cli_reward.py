@@ -62,20 +62,23 @@ def reward() -> None:
               help="source for rows that do not say")
 @click.option("--images-root", "images_roots", type=FOLDER, multiple=True,
               help="folder the image items must lie in (repeatable; default: the source file's folder)")
-def import_command(source, out, catalog, groups, append, source_default, images_roots) -> None:
-    """Validate a JSONL or Parquet file of impressions and store it as impressions Parquet (all or nothing).
+@click.option("--columns", default="", help="the file's own column names: FIELD=COLUMN,... e.g. brief=prompt,items=shown")
+def import_command(source, out, catalog, groups, append, source_default, images_roots, columns) -> None:
+    """Validate a JSONL, CSV or Parquet file of impressions and store it as impressions Parquet (all or nothing).
 
     Items are catalog product ids (with --catalog) or paths of images inside the --images-root
     folders; numbers must be finite and strings bounded (reward.impressions names the limits)."""
     from genshop.catalog_data import read_catalog
     from reward.groups import GroupsConfigError, load_groups
-    from reward.impressions import ImpressionFormatError, ImpressionValidationError, import_impressions
+    from reward.impressions import (ImpressionFormatError, ImpressionValidationError, import_impressions,
+                                    parse_column_mapping)
 
     try:
+        mapping = parse_column_mapping(columns)
         known_groups = {g.id for g in load_groups(groups)}
         known_items = set(read_catalog(catalog, with_images=False)["product_id"]) if catalog else None
         result = import_impressions(source, out, known_items, known_groups, append=append, default_source=source_default,
-                                    image_roots=list(images_roots) or None)
+                                    image_roots=list(images_roots) or None, columns=mapping)
     except (ImpressionValidationError, ImpressionFormatError, GroupsConfigError) as exc:
         raise _invalid_input(exc) from None
     stdout.print(f"imported {result.imported} impressions into {result.out} ({result.total} in the file)")

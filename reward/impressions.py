@@ -15,7 +15,7 @@ Format, version 1 (Parquet; the file's schema metadata holds ``genshop.impressio
 | chosen | string, null | the chosen item (one of ``items``), null for "chose none" |
 | clicks | list<int64>, null | optional per-item click counts (length K) |
 | purchases | list<int64>, null | optional per-item purchase counts (length K) |
-| timestamp | timestamp[us, UTC] | when it was shown |
+| timestamp | timestamp[us, UTC], null | when it was shown (null: not known) |
 | source | string | ``simulated``, ``ab_import`` or ``manual`` |
 | sim_probabilities | list<float64>, null | simulator ground truth only: P(item k) for each shown item, then P(none) |
 | sim_disagree_any | bool, null | simulator only: the groups' most likely picks among these items differ |
@@ -25,8 +25,12 @@ The ``sim_*`` columns are written by ``genshop simulate`` for reporting the Baye
 ceiling; models never read them. Clicks and purchases are stored and validated but not yet
 used by the losses.
 
-JSONL (one object per line with the same fields; ``timestamp`` as ISO 8601 or Unix seconds)
-is accepted by ``import_impressions``, which validates every row first and writes nothing
+JSONL (one object per line with the same fields; ``timestamp`` as ISO 8601 or Unix seconds),
+CSV (a header row; list cells as a JSON list or ``|``-separated, empty cells missing) and
+Parquet from elsewhere are accepted by ``import_impressions``. A log with its own column
+names is read through a column mapping (``columns``: field → the file's column, e.g.
+``{"brief": "prompt", "items": "shown"}``; ``--columns brief=prompt,items=shown``), and
+columns the format does not have are named in the error. ``import_impressions`` which validates every row first and writes nothing
 unless all rows are valid: unknown items or groups, K < 2, a chosen item not among those
 shown, an item shown twice, per-item counts of the wrong length and duplicate impression ids
 are reported with the row (1-based) and impression id.
@@ -118,7 +122,7 @@ class Impression(BaseModel):
     chosen: ItemId | None = None
     clicks: list[Count] | None = Field(default=None, max_length=MAX_ITEMS)
     purchases: list[Count] | None = Field(default=None, max_length=MAX_ITEMS)
-    timestamp: datetime
+    timestamp: datetime | None = Field(default=None, description="when it was shown; None: not known")
     source: Literal["simulated", "ab_import", "manual"]
     sim_probabilities: list[Probability] | None = Field(default=None, max_length=MAX_ITEMS + 1)
     sim_disagree_any: bool | None = None
@@ -148,7 +152,9 @@ class Impression(BaseModel):
 
     @field_validator("timestamp")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
     @model_validator(mode="after")
@@ -184,9 +190,113 @@ def _plain(value):
     return value
 
 
-def read_raw_rows(path: str | Path) -> tuple[list[dict | None], list[str]]:
-    """Rows of a JSONL or Parquet file as dicts, plus issues for lines that are not JSON objects."""
+LIST_FIELDS = ("items", "clicks", "purchases", "sim_probabilities")
+
+
+def parse_column_mapping(text: str) -> dict[str, str]:
+    """``brief=prompt,items=shown`` → ``{"brief": "prompt", "items": "shown"}`` (format field → file column)."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        field, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not field or not column:
+            raise ImpressionFormatError(f"column mapping {part!r}: expected FIELD=COLUMN, e.g. brief=prompt")
+        if field not in COLUMNS:
+            raise ImpressionFormatError(f"column mapping {part!r}: {field!r} is not an impressions field "
+                                        f"({', '.join(COLUMNS)})")
+        if field in mapping:
+            raise ImpressionFormatError(f"column mapping: {field!r} is mapped twice")
+        mapping[field] = column
+    return mapping
+
+
+def rename_columns(rows: list[dict | None], columns: dict[str, str]) -> list[dict | None]:
+    """Each row with the file's column names replaced by the format's (``columns``: field → column)."""
+    if not columns:
+        return rows
+    by_column = {column: field for field, column in columns.items()}
+    return [None if row is None else {by_column.get(key, key): value for key, value in row.items()} for row in rows]
+
+
+def _csv_cell(field: str, value: str):
+    """A CSV cell as the value the format expects: empty is missing; lists are JSON or ``|``-separated."""
+    if value == "":
+        return None
+    if field in LIST_FIELDS:
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except (json.JSONDecodeError, RecursionError):
+                return value  # the schema names it
+        return [part.strip() for part in value.split("|")]
+    if field == "timestamp":
+        try:
+            return float(value)
+        except ValueError:
+            return value  # ISO 8601
+    return value
+
+
+def _read_csv_rows(path: Path, columns: dict[str, str]) -> tuple[list[dict | None], list[str]]:
+    import csv
+    import io
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return [], [f"not UTF-8 text (invalid byte at offset {exc.start})"]
+    by_column = {column: field for field, column in columns.items()}
+    rows: list[dict | None] = []
+    issues: list[str] = []
+    try:
+        for number, record in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+            if None in record:  # more cells than the header names
+                issues.append(f"row {number}: {len(record[None])} more cell(s) than the header names")
+                rows.append(None)
+                continue
+            rows.append({by_column.get(k, k): _csv_cell(by_column.get(k, k), v or "") for k, v in record.items()})
+    except csv.Error as exc:
+        issues.append(f"not valid CSV ({exc})")
+    return rows, issues
+
+
+REQUIRED_FIELDS = ("impression_id", "group_id", "items", "source")
+
+
+def column_issues(rows: list[dict | None], default_source: str | None = None) -> list[str]:
+    """File-level problems with the columns, said once rather than on every row: columns the
+    format does not have (map them with ``columns``) and required fields no row carries."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        if row is not None:
+            seen.update(dict.fromkeys(row))
+    if not seen:
+        return []
+    issues = []
+    unknown = [name for name in seen if name not in COLUMNS]
+    if unknown:
+        issues.append(f"column(s) {', '.join(repr(u[:100]) for u in unknown[:10])} are not impressions fields; map "
+                      f"them with --columns FIELD=COLUMN (e.g. brief=prompt,items=shown) or drop them "
+                      f"(fields: {', '.join(COLUMNS)})")
+    missing = [f for f in REQUIRED_FIELDS if f not in seen and not (f == "source" and default_source)]
+    if missing:
+        issues.append(f"no column for required field(s) {', '.join(missing)}"
+                      + ("; --source-default gives rows a source" if "source" in missing else ""))
+    return issues
+
+
+def read_raw_rows(path: str | Path, columns: dict[str, str] | None = None) -> tuple[list[dict | None], list[str]]:
+    """Rows of a JSONL, CSV or Parquet file as dicts with the format's field names (``columns``:
+    field → the file's column), plus issues for lines that cannot be read as rows."""
     path = Path(path)
+    columns = columns or {}
+    if path.suffix.lower() == ".csv":
+        return _read_csv_rows(path, columns)
+    rows, issues = _read_json_or_parquet_rows(path)
+    return rename_columns(rows, columns), issues
+
+
+def _read_json_or_parquet_rows(path: Path) -> tuple[list[dict | None], list[str]]:
     rows: list[dict | None] = []
     issues: list[str] = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
@@ -367,7 +477,8 @@ def write_impressions_jsonl(frame: pd.DataFrame, path: str | Path) -> Path:
     with open(tmp, "w", encoding="utf-8") as f:
         for record in frame.to_dict("records"):
             record = {key: _plain(value) for key, value in record.items()}
-            record["timestamp"] = pd.Timestamp(record["timestamp"]).isoformat()
+            if record.get("timestamp") is not None:
+                record["timestamp"] = pd.Timestamp(record["timestamp"]).isoformat()
             f.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
     tmp.replace(path)
     return path
@@ -410,16 +521,20 @@ class ImportReport(BaseModel):
 def import_impressions(source: str | Path, out: str | Path, known_items: set[str] | None = None,
                        known_groups: set[str] | None = None, append: bool = False,
                        default_source: str | None = None,
-                       image_roots: Iterable[str | Path] | None = None) -> ImportReport:
+                       image_roots: Iterable[str | Path] | None = None,
+                       columns: dict[str, str] | None = None) -> ImportReport:
     """Validate a JSONL or Parquet file of impressions and write it as version-1 Parquet to ``out``.
 
     All or nothing: any invalid row raises ``ImpressionValidationError`` (every bad row named)
     and ``out`` is left as it was. With ``append`` the rows are added to an existing ``out``
     and their ids must not repeat its ids. Image items must lie inside ``image_roots``
-    (default: the source file's folder).
+    (default: the source file's folder). ``columns`` maps format fields to the file's column
+    names (``{"brief": "prompt"}``); the file's other columns must be format fields.
     """
     source, out = Path(source), Path(out)
-    rows, issues = read_raw_rows(source)
+    rows, issues = read_raw_rows(source, columns)
+    if header := column_issues(rows, default_source):
+        raise ImpressionFormatError(f"{source}: " + "; ".join(header))
     existing = read_impressions(out) if append and out.exists() else None
     impressions, row_issues = validate_impressions(
         rows, known_items, known_groups, base_dir=source.parent,

@@ -322,3 +322,55 @@ def test_default_lora_targets_are_the_last_stage_layers_the_image_tower_calls(op
     assert sorted(siglip) == sorted([f"{layer}self_attn.{p}_proj" for p in "qkv"] + [f"{layer}self_attn.out_proj"]
                                     + [f"{layer}mlp.fc1", f"{layer}mlp.fc2",
                                        "vision_model.head.mlp.fc1", "vision_model.head.mlp.fc2"])
+
+
+def test_a_shops_own_log_and_groups_file_import_train_eval_and_score(tmp_path, open_clip_dir):
+    """The README's path for data from outside: a log with its own column names and no timestamps
+    (CSV, JSONL and Parquet alike), a groups file with only ids and names, then train, eval, score."""
+    import pandas as pd
+
+    from genshop.cli_reward import reward
+
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 120, seed=3)
+    frame, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=GROUPS, n=600, k=4, seed=6, pools=1))
+    names = {"A": "coast", "B": "heritage", "C": "metro", "D": "campus"}
+    log = pd.DataFrame({"impression_id": frame["impression_id"], "group_id": frame["group_id"].map(names),
+                        "prompt": frame["brief"], "shown": frame["items"], "chosen": frame["chosen"]})
+    log.assign(shown=["|".join(items) for items in log["shown"]]).to_csv(tmp_path / "log.csv", index=False)
+    log.to_json(tmp_path / "log.jsonl", orient="records", lines=True)
+    log.to_parquet(tmp_path / "log.parquet")
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("version: 1\ngroups:\n" + "".join(f"  - id: {g}\n    name: {g.title()} shoppers\n"
+                                                        for g in names.values()))
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        result = runner.invoke(reward, [str(a) for a in args])
+        assert result.exit_code == code, result.output + repr(result.exception)
+        return result.output
+
+    common = ["--groups", groups, "--catalog", catalog, "--source-default", "ab_import"]
+    refused = run("import", tmp_path / "log.csv", "--out", tmp_path / "x.parquet", *common, code=2)
+    assert "'prompt', 'shown' are not impressions fields" in refused and not (tmp_path / "x.parquet").exists()
+    for suffix in ("csv", "jsonl", "parquet"):
+        run("import", tmp_path / f"log.{suffix}", "--out", tmp_path / f"{suffix}.parquet", "--columns",
+            "brief=prompt,items=shown", *common)
+        imported = read_impressions(tmp_path / f"{suffix}.parquet")
+        assert imported["items"].tolist() == frame["items"].tolist() and imported["brief"].tolist() == frame["brief"].tolist()
+        assert imported["chosen"].tolist() == frame["chosen"].tolist() and imported["timestamp"].isna().all()
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"architecture": {"hidden_dim": 8, "deep_dim": 16}, "max_epochs": 2, "threads": 1}))
+    output = run("train", "--impressions", tmp_path / "csv.parquet", "--catalog", catalog, "--clip", open_clip_dir,
+                 "--groups", groups, "--config", recipe, "--out", tmp_path / "run")
+    assert "impressions are split instead" in " ".join(output.split())  # said, not silent
+    output = run("eval", tmp_path / "run" / "model", "--impressions", tmp_path / "csv.parquet", "--catalog", catalog,
+                 "--cache-dir", tmp_path / "cache")
+    assert "no simulator probabilities" in " ".join(output.split())
+    image = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (60, 80), (200, 20, 20)).save(image)
+    scores = run("score", image, "--model", tmp_path / "run" / "model", "--group", "coast", "--group", "metro",
+                 "--brief", "red kurta", "--json")
+    scores = json.loads(scores[scores.index("{"):])
+    assert {g: s["fallback"] for g, s in scores["groups"].items()} == {"coast": False, "metro": False}
