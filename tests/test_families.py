@@ -1,4 +1,4 @@
-"""Every model family through generation and serving: tiny SDXL, SD3 and FLUX presets on a real
+"""Every model family through generation and serving: tiny SD 1.x, SDXL, SD3 and FLUX presets on a real
 worker (real Redis, the real CLI), each with two group LoRAs switched in on the one loaded
 pipeline, and the saved adapters loaded by plain diffusers in a process that never imports genshop.
 
@@ -28,7 +28,7 @@ from genshop.service import cancel_brief, enqueue_brief, submit_brief
 from genshop.store import Store
 from tests.conftest import WorkerProcess, cli_json, make_env, wait_for, write_brief, write_random_group_adapter
 
-TINY_PRESETS = ["tiny-sdxl", "tiny-sd3", "tiny-flux"]
+TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
 DESIGN = {"title": "Women's red kurta", "colour": "Red", "seed": 7, "steps": 4}
 LONG = {"variants": 8, "steps": 100, "width": 64, "height": 64}  # seconds of denoising for any tiny family
 
@@ -221,7 +221,7 @@ def test_flux_takes_no_negative_prompt_and_guidance_only_with_a_guidance_embeddi
         "prompt": ["a kurta"], "guidance_scale": 1.0}  # no CFG: the negative prompt would do nothing
 
 
-@pytest.mark.parametrize("preset", ["tiny-random", *TINY_PRESETS])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_every_lora_target_names_modules_of_the_tiny_denoiser(env, preset):
     import diffusers
 
@@ -234,3 +234,31 @@ def test_every_lora_target_names_modules_of_the_tiny_denoiser(env, preset):
              .named_modules()]
     for target in family.lora_targets:
         assert any(name == target or name.endswith("." + target) for name in names), (preset, target)
+
+
+def test_tiny_flux_uses_the_guidance_scale_only_when_its_transformer_has_a_guidance_embedding(env):
+    """tiny-flux is schnell-like (no guidance embedding: the scale changes nothing); the same
+    pipeline with a guidance-embedding transformer (dev-like) draws differently per scale."""
+    import dataclasses
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from genshop.briefs import resolve_brief
+    from genshop.generation import generate_batch
+    from genshop.pipelines import load_pipeline
+
+    loaded = load_pipeline("tiny-flux")
+    preset = load_preset("tiny-flux")
+
+    def draw(loaded, guidance: float) -> np.ndarray:
+        brief = resolve_brief(parse_brief({**DESIGN, "variants": 1, "guidance_scale": guidance}), preset)
+        return np.asarray(generate_batch(loaded, brief, [0])[0].image, dtype=np.float64)
+
+    assert mean_difference(draw(loaded, 1.0), draw(loaded, 6.0)) == 0.0
+    torch.manual_seed(0)
+    config = {**loaded.pipeline.transformer.config, "guidance_embeds": True}
+    pipe = loaded.pipeline
+    pipe.register_modules(transformer=FluxTransformer2DModel.from_config(config).eval())
+    dev_like = dataclasses.replace(loaded, pipeline=pipe)
+    assert mean_difference(draw(dev_like, 1.0), draw(dev_like, 6.0)) > 1.0
