@@ -4,7 +4,9 @@
 pipeline class's ``from_pretrained``, then loads every group LoRA under
 ``GENSHOP_ADAPTERS`` onto it (``genshop.adapters``). Presets with ``random_init`` are first built from
 their component configs (seeded, so every machine gets the same weights) and saved
-with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint.
+with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint. One
+builder serves every family: the config folder's ``model_index.json`` (diffusers' own
+format) names the pipeline class and each component folder's class.
 """
 
 from __future__ import annotations
