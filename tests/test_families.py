@@ -21,7 +21,8 @@ from celery import Celery
 from celery.result import AsyncResult
 from PIL import Image
 
-from genshop.families import Flux, StableDiffusion, StableDiffusion3, StableDiffusionXL, family_for_class_name, family_of
+from genshop.families import (Flux, StableDiffusion, StableDiffusion3, StableDiffusionXL, family_for_class_name,
+                              family_of)
 from genshop.presets import load_preset
 from genshop.briefs import parse_brief
 from genshop.service import cancel_brief, enqueue_brief, submit_brief
@@ -92,7 +93,8 @@ def test_generation_through_the_queue_and_local_gives_the_same_images(service, t
     local = cli_json(["submit", str(write_brief(tmp_path / "local.json", **DESIGN, variants=3)), "--local", "--json"],
                      service.env)
     assert local["status"] == "succeeded" and local["items_count"] == 3
-    queued_items, local_items = service.store.list_items(queued["brief_id"]), service.store.list_items(local["brief_id"])
+    queued_items = service.store.list_items(queued["brief_id"])
+    local_items = service.store.list_items(local["brief_id"])
     assert [(i.variant, i.seed) for i in queued_items] == [(v, 7 + v) for v in range(3)]
     queued_images, local_images = [service.image(i) for i in queued_items], [service.image(i) for i in local_items]
     between_variants = min(mean_difference(queued_images[v], queued_images[(v + 1) % 3]) for v in range(3))
