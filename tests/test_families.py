@@ -79,9 +79,11 @@ def service(request, tmp_path_factory, models_dir):
             write_random_group_adapter(home / "adapters" / group, preset, group, seed)
     get_settings.cache_clear()
     worker = WorkerProcess(env, home / "worker.log").wait_ready()
-    yield FamilyService(preset, env, home, Store(f"sqlite:///{home / 'genshop.db'}", home),
+    store = Store(f"sqlite:///{home / 'genshop.db'}", home)
+    yield FamilyService(preset, env, home, store,
                         Celery(broker=env["GENSHOP_BROKER_URL"], backend=env["GENSHOP_BROKER_URL"]))
     worker.stop()
+    store.engine.dispose()
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
