@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.experiments.manifest import (MANIFEST_FILE, Arm, ExperimentInputError, Listing, Manifest, ManifestArm,
-                                          ManifestItem, SLUG_PATTERN, file_sha256, inside, repeated_arm_names)
+                                          ManifestItem, SLUG_PATTERN, Arms, file_sha256, inside)
 from genshop.store import ITEM_NAMESPACE, BriefRecord, Store, UnknownBriefError, UnknownExperimentError
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
@@ -41,19 +41,12 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path
-    arms: list[Arm] = Field(min_length=2)
+    arms: Arms
     briefs: list[str] | None = Field(default=None, description="brief ids; None: every succeeded brief")
     experiment_id: str | None = Field(default=None, description="default: the name of the out folder (checked: a slug)")
     salt: str | None = Field(default=None, description="default: a fresh random salt, recorded in the manifest")
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     force: bool = False
-
-    @field_validator("arms")
-    @classmethod
-    def _unique_names(cls, arms: list[Arm]) -> list[Arm]:
-        if repeated := repeated_arm_names(arms):
-            raise ValueError(f"arm names must be unique: {', '.join(map(repr, repeated))} repeated")
-        return arms
 
 
 def select_briefs(store: Store, brief_ids: list[str] | None) -> list[BriefRecord]:

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -68,6 +68,16 @@ class Arm(BaseModel):
 def repeated_arm_names(arms: list[Arm]) -> list[str]:
     names = [arm.name for arm in arms]
     return sorted({name for name in names if names.count(name) > 1})
+
+
+def _unique_arm_names(arms: list[Arm]) -> list[Arm]:
+    if repeated := repeated_arm_names(arms):
+        raise ValueError(f"arm names must be unique: {', '.join(map(repr, repeated))} repeated")
+    return arms
+
+
+Arms = Annotated[list[Arm], Field(min_length=2, description="the first arm is the control"),
+                 AfterValidator(_unique_arm_names)]
 
 
 def parse_arms(spec: str, weights: str | None = None) -> list[Arm]:

@@ -33,10 +33,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
-from genshop.experiments.manifest import Arm, ExperimentInputError, Manifest, repeated_arm_names
+from genshop.experiments.manifest import Arms, ExperimentInputError, Manifest
 from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, enqueue_brief, item_details,
                              submit_brief)
 from genshop.settings import Settings, get_settings
@@ -83,16 +83,9 @@ class ExportRequest(BaseModel):
     """An A/B export of some of the designer's succeeded briefs (``genshop export ab``'s options)."""
 
     brief_ids: list[str] = Field(min_length=1, max_length=1000)
-    arms: list[Arm] = Field(min_length=2, description="the first arm is the control")
+    arms: Arms
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     salt: str | None = Field(default=None, max_length=128)
-
-    @field_validator("arms")
-    @classmethod
-    def _unique_names(cls, arms: list[Arm]) -> list[Arm]:
-        if repeated := repeated_arm_names(arms):
-            raise ValueError(f"arm names must be unique: {', '.join(map(repr, repeated))} repeated")
-        return arms
 
 
 class Designer(BaseModel):
