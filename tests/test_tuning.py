@@ -58,6 +58,129 @@ def test_plackett_luce_loss_is_the_ranking_likelihood_and_dpo_for_two():
         diffusion_dpo_loss(pair_policy, pair_reference, beta)[0].item(), rel=1e-6)
 
 
+SCALED_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012}
+
+
+class _ToyFamily:
+    """A family whose network call is the denoiser's own (for the step's formula tests)."""
+
+    def prediction(self, denoiser, noisy, timesteps, conditioning):
+        return denoiser(noisy, timesteps, conditioning["c"])
+
+
+class _ToyDenoiser(torch.nn.Module):
+    """``y = w * x + c`` (+ ``delta`` while its 'adapter' is on): the policy and, adapters off, the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.delta = torch.nn.Parameter(torch.tensor(0.05))
+        self.adapters = True
+
+    def disable_adapters(self):
+        self.adapters = False
+
+    def enable_adapters(self):
+        self.adapters = True
+
+    def forward(self, x, t, c):
+        return self.w * x + c[:, :, None, None] + (self.delta if self.adapters else 0.0)
+
+    @staticmethod
+    def direct(x, c, adapters):
+        return 0.7 * x + c[:, None, None] + (0.05 if adapters else 0.0)
+
+
+def _direct_step_loss(objective, x0, c, noise, noisy_target, beta):
+    """The objective on one batch from the formulas: per candidate, the policy's and the
+    reference's mean squared error against the target, implicit rewards, the ranking loss."""
+    losses = []
+    for i in range(x0.shape[0]):
+        rewards = []
+        for j in range(x0.shape[1]):
+            noisy, target = noisy_target(i, x0[i, j], noise[i])
+            e_policy = (_ToyDenoiser.direct(noisy, c[i], True) - target).pow(2).mean().item()
+            e_reference = (_ToyDenoiser.direct(noisy, c[i], False) - target).pow(2).mean().item()
+            rewards.append(-0.5 * beta * (e_policy - e_reference))
+        if objective == "dpo":
+            losses.append(-_log_sigmoid(rewards[0] - rewards[-1]))
+        else:
+            losses.append(-sum(rewards[m] - math.log(sum(math.exp(r) for r in rewards[m:]))
+                               for m in range(len(rewards) - 1)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("objective", ["dpo", "listwise"])
+def test_the_ddpm_step_noises_targets_and_scores_as_the_formulas_say(prediction_type, objective):
+    from genshop.tuning.noise import DiffusionProcess
+    from genshop.tuning.tune import preference_step
+
+    torch.manual_seed(2)
+    b, k, shape, beta = 3, 3, (2, 4, 4), 40.0
+    x0, c = torch.randn(b, k, *shape), torch.randn(b, shape[0])
+    process = DiffusionProcess({**SCALED_LINEAR, "prediction_type": prediction_type})
+    loss, _ = preference_step(_ToyFamily(), _ToyDenoiser(), process, x0, {"c": c}, objective, beta,
+                              torch.Generator().manual_seed(5))
+
+    draws = torch.Generator().manual_seed(5)  # the step's draws: one noise and one timestep per ranking
+    noise = torch.randn((b, 1, *shape), generator=draws)[:, 0]
+    timesteps = torch.randint(0, 1000, (b,), generator=draws).tolist()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+
+    def noisy_target(i, x, eps):
+        a, s = alpha_bar[timesteps[i]].sqrt().item(), (1 - alpha_bar[timesteps[i]]).sqrt().item()
+        return a * x + s * eps, (eps if prediction_type == "epsilon" else a * eps - s * x)
+
+    assert process.prediction_type == prediction_type
+    assert loss.item() == pytest.approx(_direct_step_loss(objective, x0, c, noise, noisy_target, beta), rel=1e-4)
+
+
+@pytest.mark.parametrize("shift,dynamic", [(3.0, False), (3.0, True)])
+def test_flow_matching_draws_logit_normal_sigmas_and_targets_the_velocity(shift, dynamic):
+    """SD3's trainer: u = sigmoid(N(0, 1)), t = timesteps[int(u * 1000)] on the shifted table;
+    FLUX's dynamic-shift scheduler trains unshifted. x_t = (1 - s) x0 + s eps, v = eps - x0."""
+    from genshop.tuning.noise import FlowMatchingProcess
+
+    process = FlowMatchingProcess({"num_train_timesteps": 1000, "shift": shift, "use_dynamic_shifting": dynamic})
+    timesteps = process.sample_timesteps(6, torch.Generator().manual_seed(3))
+    u = torch.sigmoid(torch.normal(0.0, 1.0, (6,), generator=torch.Generator().manual_seed(3)))
+    plain = (1000 - (u * 1000).long()).double() / 1000  # the unshifted sigma at that index of the descending table
+    sigma = plain if dynamic else shift * plain / (1 + (shift - 1) * plain)
+    assert process.sigmas(timesteps).double().tolist() == pytest.approx(sigma.tolist(), rel=1e-5)
+    assert process.prediction_type == "flow"
+    x0, eps = torch.randn(6, 2, 3, 3), torch.randn(6, 2, 3, 3)
+    noisy, target = process.noisy_and_target(x0, eps, timesteps)
+    s = sigma.float().view(-1, 1, 1, 1)
+    assert torch.allclose(noisy, (1 - s) * x0 + s * eps, atol=1e-5) and torch.allclose(target, eps - x0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "listwise"])
+def test_the_flow_dpo_step_scores_velocity_errors(objective):
+    """Flow-DPO: r = -beta/2 (||v - v_theta(x_t, t)||^2 - ||v - v_ref(x_t, t)||^2), v = eps - x0."""
+    from genshop.tuning.losses import default_beta
+    from genshop.tuning.noise import FlowMatchingProcess
+    from genshop.tuning.tune import preference_step
+
+    torch.manual_seed(4)
+    b, k, shape, beta = 2, 4, (2, 4, 4), 30.0
+    x0, c = torch.randn(b, k, *shape), torch.randn(b, shape[0])
+    process = FlowMatchingProcess({"num_train_timesteps": 1000, "shift": 3.0})
+    loss, _ = preference_step(_ToyFamily(), _ToyDenoiser(), process, x0, {"c": c}, objective, beta,
+                              torch.Generator().manual_seed(8))
+    draws = torch.Generator().manual_seed(8)
+    noise = torch.randn((b, 1, *shape), generator=draws)[:, 0]
+    sigmas = process.sigmas(process.sample_timesteps(b, draws)).tolist()
+
+    def noisy_target(i, x, eps):
+        return (1 - sigmas[i]) * x + sigmas[i] * eps, eps - x
+
+    assert loss.item() == pytest.approx(_direct_step_loss(objective, x0, c, noise, noisy_target, beta), rel=1e-4)
+    assert default_beta("flow") == 500.0 and default_beta("epsilon") == default_beta("v_prediction") == 5000.0
+
+
 def test_a_tuning_run_saves_a_diffusers_lora_and_resumes(tmp_path, models_dir, open_clip_dir):
     env = make_env(tmp_path / "home", models_dir)
     reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
