@@ -46,6 +46,7 @@ from genshop.generation import build_prompt
 from genshop.run_log import append_log, read_log, truncate_log
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
 from genshop.adapters import add_group_adapter, save_group_adapter
+from genshop.families import family_of
 from genshop.tuning.denoising import vae_scale_factor
 from genshop.tuning.losses import default_beta, denoising_errors, preference_loss
 
