@@ -1,8 +1,11 @@
-"""One LoRA per customer group on the UNet: add, save in the diffusers LoRA format, load, switch.
+"""One LoRA per customer group on the denoiser: add, save in the diffusers LoRA format, load, switch.
 
-A group's adapter folder holds ``pytorch_lora_weights.safetensors`` as written by
-``StableDiffusionPipeline.save_lora_weights``, so plain diffusers loads it with
-``pipe.load_lora_weights(folder)``. An adapters root holds one folder per group
+The denoiser is the family's (``genshop.families``): the UNet of SD 1.x and SDXL, the
+transformer of SD3 and FLUX, with the family's ``lora_targets``. A group's adapter folder
+holds ``pytorch_lora_weights.safetensors`` as written by the family pipeline's own
+``save_lora_weights`` (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``, ``FluxPipeline``), so plain diffusers of that family loads
+it with ``pipe.load_lora_weights(folder)``. An adapters root holds one folder per group
 (``ADAPTERS/<group id>/``); ``load_group_adapters`` puts them all on the one loaded
 pipeline under the names ``group_<id>``, and ``use_group`` switches between them (or back
 to the base model) without reloading anything.
@@ -15,39 +18,36 @@ from pathlib import Path
 
 import torch
 
+from genshop.families import Family, StableDiffusion
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's; each family has its own (Family.lora_targets)
 
 
 def adapter_name(group_id: str) -> str:
     return f"group_{group_id}"
 
 
-def add_group_adapter(unet, group_id: str, rank: int = 4, alpha: float | None = None) -> list[torch.nn.Parameter]:
-    """A fresh LoRA on the UNet's attention projections (B = 0: the model is unchanged); returns its parameters."""
+def add_group_adapter(denoiser, group_id: str, rank: int = 4, alpha: float | None = None,
+                      targets: tuple[str, ...] | list[str] = TARGET_MODULES) -> list[torch.nn.Parameter]:
+    """A fresh LoRA on the denoiser's ``targets`` (B = 0: the model is unchanged); returns its parameters."""
     from peft import LoraConfig
 
     name = adapter_name(group_id)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=list(TARGET_MODULES)), adapter_name=name)
-    unet.set_adapter(name)
-    return [p for n, p in unet.named_parameters() if f".{name}." in n]
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                    target_modules=list(targets)), adapter_name=name)
+    denoiser.set_adapter(name)
+    return [p for n, p in denoiser.named_parameters() if f".{name}." in n]
 
 
-def lora_state_dict(unet, group_id: str) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name(group_id)))
+def lora_state_dict(denoiser, group_id: str, family: Family | None = None) -> dict[str, torch.Tensor]:
+    return (family or StableDiffusion()).lora_state_dict(denoiser, adapter_name(group_id))
 
 
-def save_group_adapter(unet, group_id: str, folder: str | Path) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(folder)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet, group_id).items()}
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True)
-    return folder / LORA_WEIGHTS
+def save_group_adapter(denoiser, group_id: str, folder: str | Path, family: Family | None = None) -> Path:
+    """Save the group's LoRA as the family's pipeline does (default: SD 1.x, the UNet)."""
+    family = family or StableDiffusion()
+    return family.save_lora(folder, family.lora_state_dict(denoiser, adapter_name(group_id)))
 
 
 def available_adapters(root: str | Path | None) -> dict[str, Path]:

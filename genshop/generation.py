@@ -78,7 +78,9 @@ def generate_batch(
     should_stop: Callable[[], bool] = lambda: False,
     on_step: StepCallback | None = None,
 ) -> list[GeneratedImage]:
-    """Generate the given variants of a resolved brief in one pipeline call."""
+    """Generate the given variants of a resolved brief in one pipeline call, for any model family:
+    what differs between families (negative prompt, guidance, T5 length) comes from
+    ``loaded.family.generation_kwargs``."""
     pipe = loaded.pipeline
     prompt = build_prompt(brief)
     negative = brief.negative_prompt or ""
@@ -96,12 +98,12 @@ def generate_batch(
         return callback_kwargs
 
     started = time.perf_counter()
+    family_kwargs = loaded.family.generation_kwargs(pipe, prompt, negative, len(variants), brief.guidance_scale,
+                                                    loaded.preset.defaults.max_sequence_length)
     with torch.inference_mode():
         output = pipe(
-            prompt=[prompt] * len(variants),
-            negative_prompt=[negative] * len(variants) if negative and brief.guidance_scale > 1 else None,
+            **family_kwargs,
             num_inference_steps=brief.steps,
-            guidance_scale=brief.guidance_scale,
             width=brief.width,
             height=brief.height,
             generator=generators,

@@ -35,6 +35,13 @@ class LoadedPipeline:
     adapters: dict[str, Path] = field(default_factory=dict)  # group id → LoRA folder, loaded on the pipeline
     adapter_revisions: dict[str, str] = field(default_factory=dict)  # group id → fingerprint of the loaded weights
 
+    @property
+    def family(self):
+        """The pipeline's model family (``genshop.families``)."""
+        from genshop.families import family_of
+
+        return family_of(self.pipeline)
+
     def identity(self, group_id: str | None) -> tuple[str, str]:
         """(model id, revision) of what makes a variant for ``group_id``: base, or base plus the group's LoRA."""
         if group_id in self.adapters:
@@ -49,27 +56,71 @@ def resolve_device(requested: str | None = None) -> str:
     return requested
 
 
+SD_LAYOUT = {  # configs/tiny-random has no model_index.json: the SD 1.x layout
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+def pipeline_layout(config_dir: Path) -> dict:
+    """The random-init folder's ``model_index.json`` (as diffusers writes it: component → [library, class],
+    other keys the pipeline's own options), or the SD 1.x layout when it has none."""
+    index = config_dir / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else SD_LAYOUT
+
+
+def random_component(library: str, class_name: str, folder: Path, scratch: Path):
+    """One component from its config folder: a model with random weights (from the global torch
+    seed), a scheduler, or a tokenizer (saved in the folder; CLIP's from open_clip's vocabulary)."""
+    import diffusers
+    import transformers
+
+    module = diffusers if library == "diffusers" else transformers
+    cls = getattr(module, class_name)
+    if library == "transformers" and "Tokenizer" in class_name:
+        if (folder / "tokenizer_config.json").is_file():
+            return cls.from_pretrained(folder)
+        if class_name.startswith("CLIPTokenizer"):
+            return cls.from_pretrained(write_clip_tokenizer(scratch / f"{folder.name}-src"))
+        raise FileNotFoundError(f"{folder}: no tokenizer files for {class_name}")
+    if library == "diffusers" and issubclass(cls, diffusers.SchedulerMixin):
+        return cls.from_config(json.loads((folder / "scheduler_config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    if library == "diffusers":
+        return cls.from_config(config)
+    return cls(cls.config_class(**config))
+
+
 def build_random_pipeline(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """Instantiate a Stable Diffusion layout from component configs with seeded random weights."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.schedulers import EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """Instantiate a pipeline from component configs with seeded random weights and save it.
 
-    def read(name: str, file: str = "config.json") -> dict:
-        return json.loads((config_dir / name / file).read_text())
+    ``config_dir/model_index.json`` says which class each component folder holds (the
+    pipeline's own ``model_index.json`` format); components are built in its order after one
+    ``torch.manual_seed(seed)``, so every machine builds the same weights."""
+    import diffusers
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(read("unet"))
-    vae = AutoencoderKL.from_config(read("vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
-    scheduler = EulerDiscreteScheduler.from_config(read("scheduler", "scheduler_config.json"))
+    layout = pipeline_layout(config_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer-src"))
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        torch.manual_seed(seed)
+        components, options = {}, {}
+        for name, value in layout.items():
+            if name.startswith("_"):
+                continue
+            if isinstance(value, list) and len(value) == 2:
+                library, class_name = value
+                components[name] = None if library is None else random_component(
+                    library, class_name, config_dir / name, Path(tmp))
+            else:
+                options[name] = value
+        pipe = getattr(diffusers, layout["_class_name"])(**components, **options)
         staged = Path(tmp) / "pipeline"
         pipe.save_pretrained(staged, safe_serialization=True)
         try:

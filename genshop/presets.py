@@ -26,6 +26,8 @@ class GenerationDefaults(BaseModel):
     height: int = Field(ge=8)
     negative_prompt: str = ""
     batch_size: int = Field(default=8, ge=1, le=64, description="variants denoised together in one pipeline call")
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512,
+                                            description="T5 prompt length (SD3, FLUX); default: the pipeline's")
 
 
 class SizeLimits(BaseModel):

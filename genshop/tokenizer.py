@@ -62,3 +62,55 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = CONTEXT_
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True, **special}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return directory
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
+T5_VOCAB_SIZE = 384
+T5_MAX_LENGTH = 32
+
+
+def catalog_prompts(paths) -> list[str]:
+    """Listing-style prompts from catalog parquet files (the fashion-products format): each
+    title followed by its gender, colour, article type and usage, comma-separated as
+    ``genshop.generation.build_prompt`` writes them."""
+    import pandas as pd
+
+    columns = ["title", "gender", "colour", "article_type", "usage"]
+    prompts = []
+    for path in paths:
+        for row in pd.read_parquet(path, columns=columns).astype(str).itertuples(index=False):
+            prompts.append(", ".join(value for value in row if value and value not in ("Unknown", "None", "nan")))
+    return prompts
+
+
+def write_t5_tokenizer(texts, directory: str | Path, vocab_size: int = T5_VOCAB_SIZE,
+                       model_max_length: int = T5_MAX_LENGTH) -> Path:
+    """Train a small Unigram vocabulary on ``texts`` (offline, with the ``tokenizers`` library)
+    and save it as a folder ``T5TokenizerFast.from_pretrained`` loads: T5's special tokens
+    (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), no sentinel ids, ``</s>`` appended.
+
+    The tiny SD3 and FLUX presets' T5 encoders use it (``configs/tiny-sd3/tokenizer_3``,
+    ``configs/tiny-flux/tokenizer_2``); rebuild them with ``python -m genshop.tokenizer``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    directory = Path(directory)
+    trained = Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trained.train_from_iterator(list(texts), trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=list(T5_SPECIAL_TOKENS), unk_token="<unk>", show_progress=False))
+    vocab = [(token, round(score, 6)) for token, score in json.loads(trained.to_str())["model"]["vocab"]]  # rounded: reproducible
+    assert [token for token, _ in vocab[:3]] == list(T5_SPECIAL_TOKENS), vocab[:3]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+if __name__ == "__main__":  # python -m genshop.tokenizer CATALOG.parquet...: rebuild the tiny presets' T5 tokenizers
+    import sys
+
+    from genshop.settings import get_settings
+
+    texts = catalog_prompts(sys.argv[1:])
+    for folder in ("tiny-sd3/tokenizer_3", "tiny-flux/tokenizer_2"):
+        print(write_t5_tokenizer(texts, get_settings().configs_dir / folder))

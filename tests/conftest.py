@@ -212,20 +212,27 @@ ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (ignored
 API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol", "dana": "token-dana"}
 
 
-def write_random_group_adapter(folder: Path) -> Path:
-    """A LoRA for the tiny-random model's UNet with random weights, so the tuned images differ from the base ones."""
+def write_random_group_adapter(folder: Path, preset: str = "tiny-random", group: str = "A", seed: int = 0,
+                               std: float = 0.5) -> Path:
+    """A LoRA for a tiny preset's denoiser (its family's UNet or transformer, on the family's
+    LoRA targets) with random weights, so the tuned images differ from the base ones."""
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     from genshop.adapters import add_group_adapter, save_group_adapter
+    from genshop.families import family_for_class_name
     from genshop.pipelines import ensure_weights
     from genshop.presets import load_preset
 
-    unet = UNet2DConditionModel.from_pretrained(Path(ensure_weights(load_preset("tiny-random"))) / "unet")
-    torch.manual_seed(0)
-    for parameter in add_group_adapter(unet, "A"):
-        torch.nn.init.normal_(parameter, std=0.5)
-    return save_group_adapter(unet, "A", folder)
+    loaded_preset = load_preset(preset)
+    family = family_for_class_name(loaded_preset.pipeline_class)
+    location = Path(ensure_weights(loaded_preset))
+    _, class_name = json.loads((location / "model_index.json").read_text())[family.denoiser_attr]
+    denoiser = getattr(diffusers, class_name).from_pretrained(location / family.denoiser_attr)
+    torch.manual_seed(seed)
+    for parameter in add_group_adapter(denoiser, group, targets=family.lora_targets):
+        torch.nn.init.normal_(parameter, std=std)
+    return save_group_adapter(denoiser, group, folder, family)
 
 
 class ApiServer:
