@@ -26,9 +26,11 @@ Each family says:
   guidance or not, the T5 sequence length), so ``genshop.generation.generate_batch`` is
   one function for every family.
 
-The training side (prompt → conditioning tensors, the network call, the prediction
-target, timestep sampling) belongs to these same classes and is added by the tuning
-code; nothing here knows about training.
+The training side (prompt → conditioning tensors, the network call, the noise process
+with its prediction target and timestep sampling, latents to and from images) is mixed
+into these same classes from ``genshop.tuning.denoising`` (``UNetTraining``,
+``SDXLTraining``, ``SD3Training``, ``FluxTraining``), which ``genshop tune`` and
+``bench/dpo.py`` use.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from genshop.tuning.denoising import FluxTraining, SD3Training, SDXLTraining, UNetTraining
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # train_dreambooth_lora{,_sdxl}.py
 JOINT_ATTENTION = (  # train_dreambooth_lora_sd3.py's default: both streams of the joint attention
@@ -123,7 +127,7 @@ class Family:
         return kwargs
 
 
-class StableDiffusion(Family):
+class StableDiffusion(Family, UNetTraining):
     """SD 1.x / 2.x: one CLIP text encoder, a UNet predicting noise (or v)."""
 
     name = "sd"
@@ -131,7 +135,7 @@ class StableDiffusion(Family):
     class_prefixes = ("StableDiffusion",)
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(Family, SDXLTraining):
     """SDXL: two CLIP text encoders (the second's pooled projection), size/crop time ids, a UNet."""
 
     name = "sdxl"
@@ -139,7 +143,7 @@ class StableDiffusionXL(Family):
     class_prefixes = ("StableDiffusionXL",)
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(Family, SD3Training):
     """SD3 / 3.5: MMDiT transformer, two CLIP encoders and T5, rectified flow."""
 
     name = "sd3"
@@ -153,7 +157,7 @@ class StableDiffusion3(Family):
     max_sequence_length = 256
 
 
-class Flux(Family):
+class Flux(Family, FluxTraining):
     """FLUX.1: a transformer on packed 2x2 latents, CLIP (pooled) and T5, rectified flow; the
     guidance scale is an input of the transformer (dev) or ignored (schnell), never CFG."""
 

@@ -14,7 +14,7 @@ import torch
 
 from genshop.embedding import EmbeddingConfig
 from genshop.tuning.losses import diffusion_dpo_loss, plackett_luce_loss, preference_loss
-from tests.conftest import cli_json, make_env, run_cli
+from tests.conftest import cli_json, invoke_cli, make_env, run_cli
 from tests.test_reward_model import tiny_model
 
 
@@ -248,6 +248,76 @@ print(np.abs(tuned - base).mean())
     assert grouped_items[0]["model_id"].endswith("+lora:A") and "+lora" not in grouped_items[1]["model_id"]
     assert grouped_items[0]["image_sha256"] != plain_items[0]["image_sha256"]  # same seed, the LoRA changed it
     assert grouped_items[1]["image_sha256"] == plain_items[1]["image_sha256"]  # group B: the base model
+
+
+FAMILY_PIPELINES = {"tiny-sdxl": "StableDiffusionXLPipeline", "tiny-sd3": "StableDiffusion3Pipeline",
+                    "tiny-flux": "FluxPipeline"}
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_PIPELINES))
+def test_every_family_tunes_resumes_evaluates_and_plain_diffusers_loads_its_lora(preset, tmp_path, models_dir,
+                                                                                 open_clip_dir):
+    """``genshop tune`` on SDXL (ε, added conditioning), SD3 and FLUX (flow matching): one
+    round, then resumed into a second; ``genshop tune eval``; the adapter in plain diffusers."""
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_PRESET=preset)
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    briefs = tmp_path / "briefs.yaml"
+    briefs.write_text(json.dumps([
+        {"title": "Women's red kurta", "article_type": "Kurtas", "colour": "Red", "usage": "Ethnic", "seed": 1},
+        {"title": "Men's black wallet", "article_type": "Wallets", "colour": "Black", "seed": 2}]))
+    out = tmp_path / "tune-A"
+    args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out", str(out),
+            "--candidates", "2", "--steps", "2", "--inference-steps", "2", "--lr", "1e-2", "--threads", "1",
+            "--batch-size", "2"]
+    first = invoke_cli([*args, "--rounds", "1"], env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    resumed = invoke_cli([*args, "--rounds", "2", "--objective", "listwise"], env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in log if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]  # each step once: round 2 resumed after round 1
+    assert all(math.isfinite(r["loss"]) for r in losses)
+    assert [r["round"] for r in log if r.get("event") == "rankings"] == [0, 1]
+    saved = json.loads((out / "adapter" / "genshop_adapter.json").read_text())
+    flow = preset != "tiny-sdxl"
+    assert saved["steps"] == 4 and saved["prediction_type"] == ("flow" if flow else "epsilon")
+    assert saved["beta"] == (500.0 if flow else 5000.0)
+
+    evaluated = invoke_cli(["tune", "eval", "--group", "A", "--adapter", str(out / "adapter"), "--briefs", str(briefs),
+                            "--reward", str(reward_dir), "--variants", "2", "--inference-steps", "2", "--json",
+                            str(tmp_path / "eval.json")], env)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["briefs"] == 2 and 0 <= report["heldout_win_rate"] <= 1 and report["diversity_base"] > 0
+
+    # plain diffusers of the family, in a process that never imports genshop, loads the LoRA and it changes the images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENSHOP_MODELS", str(models_dir))
+        from genshop.settings import get_settings
+
+        get_settings.cache_clear()
+        pipeline_dir = ensure_weights(load_preset(preset))
+    get_settings.cache_clear()
+    script = f"""
+import sys, numpy as np, torch
+import diffusers
+pipe = diffusers.{FAMILY_PIPELINES[preset]}.from_pretrained({str(pipeline_dir)!r})
+def run():
+    return np.asarray(pipe("Women's red kurta", num_inference_steps=2, width=32, height=32, max_sequence_length=32,
+                           generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
+base = run()
+pipe.load_lora_weights({str(out / 'adapter')!r}, adapter_name="group_A")
+tuned = run()
+assert not any(m.startswith("genshop") for m in sys.modules)
+print(np.abs(tuned - base).mean())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) > 0.0
 
 
 def test_target_groups_take_turns_and_a_tuned_group_gets_its_lora():

@@ -1,13 +1,14 @@
 """The training side of each model family: what ``genshop tune`` needs beyond the pipeline.
 
 One class per family, mixed into the family classes of ``genshop.families`` (so a family
-object answers both generation's questions and these), each with:
+object answers both generation's questions and these; ``text_max_length`` is the
+family's), each with:
 
 - ``noise_process(pipeline)``: the forward process and prediction type
   (``genshop.tuning.noise``): DDPM ε/v for SD 1.x and SDXL (from the scheduler's
   ``prediction_type``), flow matching for SD3 and FLUX (the scheduler's training sigmas,
   logit-normal timesteps, velocity ``eps - x0``);
-- ``encode_prompts(pipeline, prompts, size)``: batch-first conditioning tensors, one row per
+- ``encode_prompts(pipeline, prompts, size, max_sequence_length)``: batch-first conditioning tensors, one row per
   prompt, no classifier-free guidance (what the network takes besides ``x_t`` and ``t``).
   SD: ``encoder_hidden_states``; SDXL: those (both CLIPs) + the pooled ``text_embeds`` and
   ``time_ids`` (original size, crop (0, 0), target size) of its added conditioning; SD3: the
@@ -44,7 +45,10 @@ class UNetTraining:
     def noise_process(self, pipeline):
         return DiffusionProcess(pipeline.scheduler.config)
 
-    def encode_prompts(self, pipeline, prompts: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, pipeline, prompts: list[str], size: tuple[int, int],
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning rows of ``prompts`` for images of ``size`` (height, width); the T5 length
+        as generation uses it (the preset's, else the family's default, ``text_max_length``)."""
         return {"encoder_hidden_states": pipeline.encode_prompt(prompts, pipeline.device, 1, False)[0]}
 
     def prediction(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
@@ -80,7 +84,7 @@ class UNetTraining:
 class SDXLTraining(UNetTraining):
     """SDXL: the UNet also takes the pooled text embedding and the size/crop ``time_ids``."""
 
-    def encode_prompts(self, pipeline, prompts: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, pipeline, prompts, size, max_sequence_length=None):
         embeds, _, pooled, _ = pipeline.encode_prompt(prompts, device=pipeline.device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
         projection_dim = (pipeline.text_encoder_2.config.projection_dim if pipeline.text_encoder_2 is not None
@@ -102,9 +106,11 @@ class SD3Training(UNetTraining):
     def noise_process(self, pipeline):
         return FlowMatchingProcess(pipeline.scheduler.config)
 
-    def encode_prompts(self, pipeline, prompts, size):
+    def encode_prompts(self, pipeline, prompts, size, max_sequence_length=None):
         embeds, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device=pipeline.device,
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                      max_sequence_length=self.text_max_length(pipeline,
+                                                                                               max_sequence_length))
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def prediction(self, denoiser, noisy, timesteps, conditioning):
@@ -121,8 +127,10 @@ class FluxTraining(UNetTraining):
     def noise_process(self, pipeline):
         return FlowMatchingProcess(pipeline.scheduler.config)
 
-    def encode_prompts(self, pipeline, prompts, size):
-        embeds, pooled, _ = pipeline.encode_prompt(prompts, None, device=pipeline.device, num_images_per_prompt=1)
+    def encode_prompts(self, pipeline, prompts, size, max_sequence_length=None):
+        embeds, pooled, _ = pipeline.encode_prompt(prompts, None, device=pipeline.device, num_images_per_prompt=1,
+                                                   max_sequence_length=self.text_max_length(pipeline,
+                                                                                            max_sequence_length))
         conditioning = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         if pipeline.transformer.config.guidance_embeds:
             conditioning["guidance"] = torch.full((len(prompts),), self.guidance_scale, device=embeds.device)

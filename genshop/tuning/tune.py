@@ -99,8 +99,8 @@ def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
 # ---------------------------------------------------------------- rankings
 
 @torch.no_grad()
-def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int
-                    ) -> tuple[list[Ranking], torch.Tensor]:
+def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int,
+                    max_sequence_length: int | None = None) -> tuple[list[Ranking], torch.Tensor]:
     """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward;
     the latents ``[briefs, k, C, H, W]`` as the family trains on them (``ranking_latents``)."""
     from reward.scoring import score_images
@@ -110,8 +110,9 @@ def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k
     for i, brief in enumerate(briefs):
         prompt = build_prompt(brief)
         generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        sampled = pipeline(prompt, num_images_per_prompt=k, num_inference_steps=brief.steps,
-                           guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
+        kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", k, brief.guidance_scale,
+                                          max_sequence_length)
+        sampled = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
                            generator=generator, output_type="latent").images
         sampled = family.ranking_latents(pipeline, sampled, brief.height, brief.width)
         images = family.decode_latents(pipeline, sampled)
@@ -192,13 +193,20 @@ def preference_step(family, denoiser, process, latents: torch.Tensor, conditioni
 
 # ---------------------------------------------------------------- grids and curves
 
-def brief_grid(pipeline, briefs: list[Brief], path: Path) -> Path:
-    """The first six briefs' prompts, four seeds each (the generator's sample grid)."""
-    from genshop.training.generator import sample_grid
+def brief_grid(family, pipeline, briefs: list[Brief], path: Path, max_sequence_length: int | None = None) -> Path:
+    """The first six briefs' prompts, four seeds each, called as generation calls the family's pipeline."""
+    from genshop.contact_sheet import save_contact_sheet
 
-    first = briefs[0]
-    return sample_grid(pipeline, first.width, first.height, path, [build_prompt(b) for b in briefs[:6]],
-                       steps=first.steps, guidance=first.guidance_scale)
+    rows = []
+    for brief in briefs[:6]:
+        prompt = build_prompt(brief)
+        kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", 4, brief.guidance_scale,
+                                          max_sequence_length)
+        with torch.inference_mode():
+            images = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
+                              generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
+        rows.append((prompt, images))
+    return save_contact_sheet(rows, path)
 
 
 def plot_tune_curves(log: Path, path: Path) -> Path:
@@ -252,6 +260,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     lora = torch.nn.ParameterList(parameters)  # the trainable part, as one module for checkpoints
     optimizer = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=0.0)
     process = family.noise_process(pipeline)
+    text_length = preset.defaults.max_sequence_length
     beta = config.beta or default_beta(process.prediction_type)
     state_dir, log = out / "state", out / "log.jsonl"
     step = load_training_state(state_dir, lora, optimizer)["step"] if has_training_state(state_dir) else 0
@@ -259,7 +268,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     total = config.rounds * config.steps_per_round
     if not (out / "samples-before.png").is_file():
         denoiser.disable_adapters()
-        brief_grid(pipeline, briefs, out / "samples-before.png")
+        brief_grid(family, pipeline, briefs, out / "samples-before.png", text_length)
         denoiser.enable_adapters()
 
     scorer = None if config.preferences else load_scorer(config.reward)
@@ -272,7 +281,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         for prompt in prompts:
             if (prompt, size) not in prompt_cache:
                 with torch.no_grad():
-                    encoded = family.encode_prompts(pipeline, [prompt], size)
+                    encoded = family.encode_prompts(pipeline, [prompt], size, text_length)
                 prompt_cache[prompt, size] = {name: value[0].detach() for name, value in encoded.items()}
         rows = [prompt_cache[p, size] for p in prompts]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
@@ -292,7 +301,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
                                                         briefs[0].height)
             else:
                 rankings, latents = sample_rankings(family, pipeline, briefs, config.group, scorer, config.candidates,
-                                                    config.seed + round_index)
+                                                    config.seed + round_index, text_length)
             save_file({"latents": latents.contiguous()}, str(rankings_file),
                       metadata={"rankings": json.dumps([r.model_dump() for r in rankings])})
             append_log(log, {"event": "rankings", "round": round_index, "step": step, "rankings": len(rankings),
@@ -326,6 +335,6 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
         "base_revision": loaded.revision, "steps": step, "beta": beta, "rank": config.rank,
         "family": family.name, "prediction_type": process.prediction_type}, indent=2))
-    brief_grid(pipeline, briefs, out / "samples-after.png")
+    brief_grid(family, pipeline, briefs, out / "samples-after.png", text_length)
     plot_tune_curves(log, out / "curves.png")
     return adapter
