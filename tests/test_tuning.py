@@ -320,6 +320,50 @@ print(np.abs(tuned - base).mean())
     assert float(proc.stdout.strip().splitlines()[-1]) > 0.0
 
 
+@pytest.mark.parametrize("preset", ["tiny-random", *FAMILY_PIPELINES])
+def test_the_family_calls_its_network_and_vae_as_its_pipeline_does(preset, env):
+    """The tuning side of each family against its own pipeline: the conditioning and network
+    call (``encode_prompts``, ``prediction``) give the output the pipeline's first denoising
+    call got, and the ranked latents (``ranking_latents``, FLUX's unpacked) decode to the
+    pipeline's own image; VAE-encoded images have the same latent shape."""
+    import numpy as np
+
+    from genshop.families import family_of
+    from genshop.pipelines import load_pipeline
+    from genshop.tuning.denoising import vae_scale_factor
+
+    pipeline = load_pipeline(preset).pipeline
+    family = family_of(pipeline)
+    side = 32 // vae_scale_factor(pipeline)  # the latent's height and width
+    denoiser = family.denoiser(pipeline)
+    calls = []
+    hook = denoiser.register_forward_hook(lambda module, args, kwargs, output: calls.append((args, kwargs, output)),
+                                          with_kwargs=True)
+    call = dict(prompt="Women's red kurta", num_inference_steps=2, width=32, height=32, guidance_scale=1.0)
+    if family.t5_tokenizer_attr:
+        call["max_sequence_length"] = family.text_max_length(pipeline)
+    packed = pipeline(**call, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    hook.remove()
+    args, kwargs, output = calls[0]
+    output = output[0] if isinstance(output, tuple) else output.sample
+    latents_in = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if family.name == "flux":
+        latents_in, output, timestep = family.unpack(latents_in, side, side), family.unpack(output, side, side), timestep * 1000
+    conditioning = family.encode_prompts(pipeline, [call["prompt"]], (32, 32))
+    with torch.no_grad():
+        ours = family.prediction(denoiser, latents_in, timestep.expand(1), conditioning)
+    assert torch.allclose(ours, output, atol=1e-5), (ours - output).abs().max()
+
+    latents = family.ranking_latents(pipeline, packed, 32, 32)
+    assert latents.ndim == 4 and latents.shape[-2:] == (side, side)
+    image = pipeline(**call, generator=torch.Generator().manual_seed(0)).images[0]
+    decoded = family.decode_latents(pipeline, latents)[0]
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(image, dtype=float)).max() <= 1
+    assert family.encode_images(pipeline, [image]).shape == latents.shape
+    assert family.noise_process(pipeline).prediction_type == ("epsilon" if family.name in ("sd", "sdxl") else "flow")
+
+
 def test_target_groups_take_turns_and_a_tuned_group_gets_its_lora():
     from genshop.briefs import parse_brief
     from genshop.generation import plan_batches, variant_group
