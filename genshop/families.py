@@ -46,6 +46,8 @@ JOINT_ATTENTION = (  # train_dreambooth_lora_sd3.py's default: both streams of t
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 )
+DIT_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # both streams
+SD3_ATTENTION_AND_FF = JOINT_ATTENTION + DIT_FEED_FORWARD  # the DiT targets: attention and feed-forward
 FLUX_ATTENTION_AND_FF = (  # train_dreambooth_lora_flux.py's default: joint attention plus both feed-forwards
     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -150,7 +152,7 @@ class StableDiffusion3(Family, SD3Training):
     pipeline_class_name = "StableDiffusion3Pipeline"
     class_prefixes = ("StableDiffusion3",)
     denoiser_attr = "transformer"
-    lora_targets = JOINT_ATTENTION
+    lora_targets = SD3_ATTENTION_AND_FF
     lora_layers_keyword = "transformer_lora_layers"
     lora_keys_in_diffusers_format = False  # peft keys, as train_dreambooth_lora_sd3.py saves them
     t5_tokenizer_attr = "tokenizer_3"

@@ -286,6 +286,12 @@ def test_every_family_tunes_resumes_evaluates_and_plain_diffusers_loads_its_lora
     flow = preset != "tiny-sdxl"
     assert saved["steps"] == 4 and saved["prediction_type"] == ("flow" if flow else "epsilon")
     assert saved["beta"] == (500.0 if flow else 5000.0)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(".attn.to_q." in k or ".attn1.to_q." in k for k in keys)
+    assert any(".ff.net.0.proj." in k for k in keys) == flow  # DiTs: attention and feed-forward; UNets: attention
 
     evaluated = invoke_cli(["tune", "eval", "--group", "A", "--adapter", str(out / "adapter"), "--briefs", str(briefs),
                             "--reward", str(reward_dir), "--variants", "2", "--inference-steps", "2", "--json",
