@@ -59,9 +59,16 @@ def available_adapters(root: str | Path | None) -> dict[str, Path]:
 
 def load_group_adapters(pipeline, root: str | Path | None) -> dict[str, Path]:
     """Load every group adapter under ``root`` onto the pipeline (inactive until ``use_group``)."""
+    from diffusers.utils import logging
+
     adapters = available_adapters(root)
-    for group_id, folder in adapters.items():
-        pipeline.load_lora_weights(str(folder), adapter_name=adapter_name(group_id))
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()  # "no LoRA keys for the text encoder": true of every denoiser-only adapter
+    try:
+        for group_id, folder in adapters.items():
+            pipeline.load_lora_weights(str(folder), adapter_name=adapter_name(group_id))
+    finally:
+        logging.set_verbosity(previous)
     if adapters:
         pipeline.disable_lora()
     return adapters

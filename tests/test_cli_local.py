@@ -44,7 +44,7 @@ def test_submit_to_an_unreachable_broker_fails_and_stores_nothing(env, tmp_path)
     assert db.execute("select count(*) from briefs").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sd-turbo", "sdxl-turbo"])
+@pytest.mark.parametrize("preset", ["sd15", "sd-turbo", "sdxl-turbo", "sd35-medium", "flux-schnell"])
 def test_real_presets_fail_offline_with_one_clear_line(env, tmp_path, preset):
     env = {**env, "GENSHOP_PRESET": preset, "HF_HUB_OFFLINE": "1", "GENSHOP_HOME": str(tmp_path / "h")}
     proc = run_cli(["submit", str(write_brief(tmp_path / "b.yaml", steps=1)), "--local"], env)
@@ -56,7 +56,8 @@ def test_real_presets_fail_offline_with_one_clear_line(env, tmp_path, preset):
 
 
 def test_every_shipped_preset_parses():
-    assert {"tiny-random", "mini", "sd15", "sd-turbo", "sdxl-turbo"} <= set(preset_names())
+    assert {"tiny-random", "mini", "sd15", "sd-turbo", "sdxl", "sdxl-turbo", "sd35-medium", "flux-schnell", "tiny-sdxl",
+            "tiny-sd3", "tiny-flux"} <= set(preset_names())
     for name in preset_names():
         preset = load_preset(name)
         assert preset.limits.min_size <= preset.defaults.width <= preset.limits.max_size
