@@ -212,9 +212,9 @@ def main() -> None:
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     original, ours = results["original"], results["genshop"]
     real = real_accounting(args.family, args.rank)
-    title = (f"{args.family}: Diffusion-DPO step, {args.pairs} pair(s), {LATENT}x{LATENT} latent, "
-             f"{FAMILIES[args.family][3]} config at reduced size, {original['device']}")
-    table = Table("", "original (full network + deep-copied reference)", "genshop (LoRA, adapters disabled)", "ratio",
+    title = (f"{args.family}: DPO step, {FAMILIES[args.family][3]} config reduced, {args.pairs} pair(s), "
+             f"{LATENT}x{LATENT} latent, {original['device']}, {args.threads} thread(s)")
+    table = Table("", "original: full network + deep-copied reference", "genshop: LoRA, adapters off", "ratio",
                   title=title)
     table.add_row("network parameters", f"{original['params']:,}", f"{original['params']:,}", "")
     table.add_row("trainable parameters", f"{original['trainable']:,}", f"{ours['trainable']:,}",
@@ -223,13 +223,13 @@ def main() -> None:
                   f"{ours['step_s']:.2f} s", f"{ours['step_s'] / original['step_s']:.2f}x (target <= 1.0)")
     table.add_row("peak memory, measured", gib(original["peak_bytes"]), gib(ours["peak_bytes"]),
                   f"{ours['peak_bytes'] / original['peak_bytes']:.2f}x (target <= 0.6)")
-    table.add_row(f"real model: {FAMILIES[args.family][3]}", f"{real['params'] / 1e9:.2f}B parameters",
+    table.add_row(f"real {FAMILIES[args.family][3]}: parameters", f"{real['params'] / 1e9:.2f}B",
                   f"LoRA r={args.rank}: {real['lora'] / 1e6:.1f}M", "")
-    for precision, label in (("fp32", "fp32"), ("bf16", "bf16 weights/grads, fp32 Adam moments")):
+    for precision, label in (("fp32", "fp32"), ("bf16", "bf16, fp32 moments")):
         numbers = real[precision]
-        table.add_row(f"  weights+ref+grads+Adam, {label}", gib(numbers["original"]), gib(numbers["genshop"]),
+        table.add_row(f"  W + ref + grads + AdamW, {label}", gib(numbers["original"]), gib(numbers["genshop"]),
                       f"{numbers['genshop'] / numbers['original']:.2f}x")
-    Console(width=160).print(table)
+    Console(width=140).print(table)
     if args.json:
         args.json.write_text(json.dumps({"family": args.family, "results": results, "real": real}, indent=2))
 
