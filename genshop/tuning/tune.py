@@ -257,6 +257,10 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     parameters = add_group_adapter(denoiser, config.group, config.rank, targets=family.lora_targets)
     for parameter in parameters:
         parameter.requires_grad_(True)
+    if denoiser.dtype != torch.float32:  # fp16/bf16 weights: the LoRA trains in fp32, as diffusers' trainers do
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(denoiser, dtype=torch.float32)
     lora = torch.nn.ParameterList(parameters)  # the trainable part, as one module for checkpoints
     optimizer = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=0.0)
     process = family.noise_process(pipeline)
