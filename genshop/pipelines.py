@@ -4,7 +4,9 @@
 pipeline class's ``from_pretrained``, then loads every group LoRA under
 ``GENSHOP_ADAPTERS`` onto it (``genshop.adapters``). Presets with ``random_init`` are first built from
 their component configs (seeded, so every machine gets the same weights) and saved
-with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint.
+with ``save_pretrained`` into ``GENSHOP_MODELS``, then loaded like any checkpoint. One
+builder serves every family: the config folder's ``model_index.json`` (diffusers' own
+format) names the pipeline class and each component folder's class.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from genshop.presets import ModelUnavailableError, Preset, load_preset, model_location
+from genshop.presets import ModelUnavailableError, Preset, PresetError, load_preset, model_location
 from genshop.settings import get_settings
 from genshop.tokenizer import write_clip_tokenizer
 
@@ -157,7 +159,13 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
     """Load the preset's pipeline with ``from_pretrained``; offline failures are one-line errors."""
     import diffusers
 
+    from genshop.families import family_for_class_name
+
     preset = load_preset(preset) if isinstance(preset, str) else preset
+    try:
+        family_for_class_name(preset.pipeline_class)  # every stage needs the pipeline's family
+    except ValueError as exc:
+        raise PresetError(f"preset {preset.name!r}: {exc}") from None
     device = resolve_device(device)
     location = ensure_weights(preset)
     pipeline_class = getattr(diffusers, preset.pipeline_class)

@@ -4,6 +4,11 @@
 (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json). The vocabulary
 is byte-for-byte the one OpenAI CLIP and Stable Diffusion use (49,408 tokens), so ids
 agree with open_clip's ``SimpleTokenizer``. Nothing is downloaded.
+
+``write_t5_tokenizer(texts, dir)`` trains a small T5 vocabulary (Unigram, ``tokenizers``)
+for the tiny SD3 and FLUX presets, whose T5 encoders are random anyway: the committed
+folders under ``configs/`` were built from the catalog's listing prompts with
+``python -m genshop.tokenizer CATALOG.parquet``.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ def write_t5_tokenizer(texts, directory: str | Path, vocab_size: int = T5_VOCAB_
     trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     trained.train_from_iterator(list(texts), trainers.UnigramTrainer(
         vocab_size=vocab_size, special_tokens=list(T5_SPECIAL_TOKENS), unk_token="<unk>", show_progress=False))
-    vocab = [(token, round(score, 6)) for token, score in json.loads(trained.to_str())["model"]["vocab"]]  # rounded: reproducible
+    # scores rounded: training is multi-threaded, and the last digits vary from run to run
+    vocab = [(token, round(score, 6)) for token, score in json.loads(trained.to_str())["model"]["vocab"]]
     assert [token for token, _ in vocab[:3]] == list(T5_SPECIAL_TOKENS), vocab[:3]
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(directory)
