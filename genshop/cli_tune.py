@@ -26,7 +26,8 @@ from genshop.cli_train import _progress_bar, stage_progress
               help="training steps per round")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
-@click.option("--beta", type=float, default=5000.0, show_default=True)
+@click.option("--beta", type=float, default=None,
+              help="the objective's beta (default: 5000 for ε/v-prediction, 500 for flow matching)")
 @click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--inference-steps", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)

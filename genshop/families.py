@@ -26,9 +26,11 @@ Each family says:
   guidance or not, the T5 sequence length), so ``genshop.generation.generate_batch`` is
   one function for every family.
 
-The training side (prompt → conditioning tensors, the network call, the prediction
-target, timestep sampling) belongs to these same classes and is added by the tuning
-code; nothing here knows about training.
+The training side (prompt → conditioning tensors, the network call, the noise process
+with its prediction target and timestep sampling, latents to and from images) is mixed
+into these same classes from ``genshop.tuning.denoising`` (``UNetTraining``,
+``SDXLTraining``, ``SD3Training``, ``FluxTraining``), which ``genshop tune`` and
+``bench/dpo.py`` use.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ from pathlib import Path
 
 import torch
 
+from genshop.tuning.denoising import FluxTraining, SD3Training, SDXLTraining, UNetTraining
+
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # train_dreambooth_lora{,_sdxl}.py
 JOINT_ATTENTION = (  # train_dreambooth_lora_sd3.py's default: both streams of the joint attention
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 )
+DIT_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # both streams
+SD3_ATTENTION_AND_FF = JOINT_ATTENTION + DIT_FEED_FORWARD  # the issue's DiT targets: attention and feed-forward
 FLUX_ATTENTION_AND_FF = (  # train_dreambooth_lora_flux.py's default: joint attention plus both feed-forwards
     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -123,7 +129,7 @@ class Family:
         return kwargs
 
 
-class StableDiffusion(Family):
+class StableDiffusion(Family, UNetTraining):
     """SD 1.x / 2.x: one CLIP text encoder, a UNet predicting noise (or v)."""
 
     name = "sd"
@@ -131,7 +137,7 @@ class StableDiffusion(Family):
     class_prefixes = ("StableDiffusion",)
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(Family, SDXLTraining):
     """SDXL: two CLIP text encoders (the second's pooled projection), size/crop time ids, a UNet."""
 
     name = "sdxl"
@@ -139,21 +145,21 @@ class StableDiffusionXL(Family):
     class_prefixes = ("StableDiffusionXL",)
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(Family, SD3Training):
     """SD3 / 3.5: MMDiT transformer, two CLIP encoders and T5, rectified flow."""
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     class_prefixes = ("StableDiffusion3",)
     denoiser_attr = "transformer"
-    lora_targets = JOINT_ATTENTION
+    lora_targets = SD3_ATTENTION_AND_FF
     lora_layers_keyword = "transformer_lora_layers"
     lora_keys_in_diffusers_format = False  # peft keys, as train_dreambooth_lora_sd3.py saves them
     t5_tokenizer_attr = "tokenizer_3"
     max_sequence_length = 256
 
 
-class Flux(Family):
+class Flux(Family, FluxTraining):
     """FLUX.1: a transformer on packed 2x2 latents, CLIP (pooled) and T5, rectified flow; the
     guidance scale is an input of the transformer (dev) or ignored (schnell), never CFG."""
 

@@ -14,7 +14,7 @@ import torch
 
 from genshop.embedding import EmbeddingConfig
 from genshop.tuning.losses import diffusion_dpo_loss, plackett_luce_loss, preference_loss
-from tests.conftest import cli_json, make_env, run_cli
+from tests.conftest import cli_json, invoke_cli, make_env, run_cli
 from tests.test_reward_model import tiny_model
 
 
@@ -56,6 +56,129 @@ def test_plackett_luce_loss_is_the_ranking_likelihood_and_dpo_for_two():
         diffusion_dpo_loss(pair_policy, pair_reference, beta)[0].item(), rel=1e-6)
     assert preference_loss("dpo", policy, reference, beta)[0].item() == pytest.approx(
         diffusion_dpo_loss(pair_policy, pair_reference, beta)[0].item(), rel=1e-6)
+
+
+SCALED_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012}
+
+
+class _ToyFamily:
+    """A family whose network call is the denoiser's own (for the step's formula tests)."""
+
+    def prediction(self, denoiser, noisy, timesteps, conditioning):
+        return denoiser(noisy, timesteps, conditioning["c"])
+
+
+class _ToyDenoiser(torch.nn.Module):
+    """``y = w * x + c`` (+ ``delta`` while its 'adapter' is on): the policy and, adapters off, the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.delta = torch.nn.Parameter(torch.tensor(0.05))
+        self.adapters = True
+
+    def disable_adapters(self):
+        self.adapters = False
+
+    def enable_adapters(self):
+        self.adapters = True
+
+    def forward(self, x, t, c):
+        return self.w * x + c[:, :, None, None] + (self.delta if self.adapters else 0.0)
+
+    @staticmethod
+    def direct(x, c, adapters):
+        return 0.7 * x + c[:, None, None] + (0.05 if adapters else 0.0)
+
+
+def _direct_step_loss(objective, x0, c, noise, noisy_target, beta):
+    """The objective on one batch from the formulas: per candidate, the policy's and the
+    reference's mean squared error against the target, implicit rewards, the ranking loss."""
+    losses = []
+    for i in range(x0.shape[0]):
+        rewards = []
+        for j in range(x0.shape[1]):
+            noisy, target = noisy_target(i, x0[i, j], noise[i])
+            e_policy = (_ToyDenoiser.direct(noisy, c[i], True) - target).pow(2).mean().item()
+            e_reference = (_ToyDenoiser.direct(noisy, c[i], False) - target).pow(2).mean().item()
+            rewards.append(-0.5 * beta * (e_policy - e_reference))
+        if objective == "dpo":
+            losses.append(-_log_sigmoid(rewards[0] - rewards[-1]))
+        else:
+            losses.append(-sum(rewards[m] - math.log(sum(math.exp(r) for r in rewards[m:]))
+                               for m in range(len(rewards) - 1)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("objective", ["dpo", "listwise"])
+def test_the_ddpm_step_noises_targets_and_scores_as_the_formulas_say(prediction_type, objective):
+    from genshop.tuning.noise import DiffusionProcess
+    from genshop.tuning.tune import preference_step
+
+    torch.manual_seed(2)
+    b, k, shape, beta = 3, 3, (2, 4, 4), 40.0
+    x0, c = torch.randn(b, k, *shape), torch.randn(b, shape[0])
+    process = DiffusionProcess({**SCALED_LINEAR, "prediction_type": prediction_type})
+    loss, _ = preference_step(_ToyFamily(), _ToyDenoiser(), process, x0, {"c": c}, objective, beta,
+                              torch.Generator().manual_seed(5))
+
+    draws = torch.Generator().manual_seed(5)  # the step's draws: one noise and one timestep per ranking
+    noise = torch.randn((b, 1, *shape), generator=draws)[:, 0]
+    timesteps = torch.randint(0, 1000, (b,), generator=draws).tolist()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+
+    def noisy_target(i, x, eps):
+        a, s = alpha_bar[timesteps[i]].sqrt().item(), (1 - alpha_bar[timesteps[i]]).sqrt().item()
+        return a * x + s * eps, (eps if prediction_type == "epsilon" else a * eps - s * x)
+
+    assert process.prediction_type == prediction_type
+    assert loss.item() == pytest.approx(_direct_step_loss(objective, x0, c, noise, noisy_target, beta), rel=1e-4)
+
+
+@pytest.mark.parametrize("shift,dynamic", [(3.0, False), (3.0, True)])
+def test_flow_matching_draws_logit_normal_sigmas_and_targets_the_velocity(shift, dynamic):
+    """SD3's trainer: u = sigmoid(N(0, 1)), t = timesteps[int(u * 1000)] on the shifted table;
+    FLUX's dynamic-shift scheduler trains unshifted. x_t = (1 - s) x0 + s eps, v = eps - x0."""
+    from genshop.tuning.noise import FlowMatchingProcess
+
+    process = FlowMatchingProcess({"num_train_timesteps": 1000, "shift": shift, "use_dynamic_shifting": dynamic})
+    timesteps = process.sample_timesteps(6, torch.Generator().manual_seed(3))
+    u = torch.sigmoid(torch.normal(0.0, 1.0, (6,), generator=torch.Generator().manual_seed(3)))
+    plain = (1000 - (u * 1000).long()).double() / 1000  # the unshifted sigma at that index of the descending table
+    sigma = plain if dynamic else shift * plain / (1 + (shift - 1) * plain)
+    assert process.sigmas(timesteps).double().tolist() == pytest.approx(sigma.tolist(), rel=1e-5)
+    assert process.prediction_type == "flow"
+    x0, eps = torch.randn(6, 2, 3, 3), torch.randn(6, 2, 3, 3)
+    noisy, target = process.noisy_and_target(x0, eps, timesteps)
+    s = sigma.float().view(-1, 1, 1, 1)
+    assert torch.allclose(noisy, (1 - s) * x0 + s * eps, atol=1e-5) and torch.allclose(target, eps - x0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "listwise"])
+def test_the_flow_dpo_step_scores_velocity_errors(objective):
+    """Flow-DPO: r = -beta/2 (||v - v_theta(x_t, t)||^2 - ||v - v_ref(x_t, t)||^2), v = eps - x0."""
+    from genshop.tuning.losses import default_beta
+    from genshop.tuning.noise import FlowMatchingProcess
+    from genshop.tuning.tune import preference_step
+
+    torch.manual_seed(4)
+    b, k, shape, beta = 2, 4, (2, 4, 4), 30.0
+    x0, c = torch.randn(b, k, *shape), torch.randn(b, shape[0])
+    process = FlowMatchingProcess({"num_train_timesteps": 1000, "shift": 3.0})
+    loss, _ = preference_step(_ToyFamily(), _ToyDenoiser(), process, x0, {"c": c}, objective, beta,
+                              torch.Generator().manual_seed(8))
+    draws = torch.Generator().manual_seed(8)
+    noise = torch.randn((b, 1, *shape), generator=draws)[:, 0]
+    sigmas = process.sigmas(process.sample_timesteps(b, draws)).tolist()
+
+    def noisy_target(i, x, eps):
+        return (1 - sigmas[i]) * x + sigmas[i] * eps, eps - x
+
+    assert loss.item() == pytest.approx(_direct_step_loss(objective, x0, c, noise, noisy_target, beta), rel=1e-4)
+    assert default_beta("flow") == 500.0 and default_beta("epsilon") == default_beta("v_prediction") == 5000.0
 
 
 def test_a_tuning_run_saves_a_diffusers_lora_and_resumes(tmp_path, models_dir, open_clip_dir):
@@ -125,6 +248,126 @@ print(np.abs(tuned - base).mean())
     assert grouped_items[0]["model_id"].endswith("+lora:A") and "+lora" not in grouped_items[1]["model_id"]
     assert grouped_items[0]["image_sha256"] != plain_items[0]["image_sha256"]  # same seed, the LoRA changed it
     assert grouped_items[1]["image_sha256"] == plain_items[1]["image_sha256"]  # group B: the base model
+
+
+FAMILY_PIPELINES = {"tiny-sdxl": "StableDiffusionXLPipeline", "tiny-sd3": "StableDiffusion3Pipeline",
+                    "tiny-flux": "FluxPipeline"}
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_PIPELINES))
+def test_every_family_tunes_resumes_evaluates_and_plain_diffusers_loads_its_lora(preset, tmp_path, models_dir,
+                                                                                 open_clip_dir):
+    """``genshop tune`` on SDXL (ε, added conditioning), SD3 and FLUX (flow matching): one
+    round, then resumed into a second; ``genshop tune eval``; the adapter in plain diffusers."""
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_PRESET=preset)
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    briefs = tmp_path / "briefs.yaml"
+    briefs.write_text(json.dumps([
+        {"title": "Women's red kurta", "article_type": "Kurtas", "colour": "Red", "usage": "Ethnic", "seed": 1},
+        {"title": "Men's black wallet", "article_type": "Wallets", "colour": "Black", "seed": 2}]))
+    out = tmp_path / "tune-A"
+    args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out", str(out),
+            "--candidates", "2", "--steps", "2", "--inference-steps", "2", "--lr", "1e-2", "--threads", "1",
+            "--batch-size", "2"]
+    first = invoke_cli([*args, "--rounds", "1"], env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    resumed = invoke_cli([*args, "--rounds", "2", "--objective", "listwise"], env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in log if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]  # each step once: round 2 resumed after round 1
+    assert all(math.isfinite(r["loss"]) for r in losses)
+    assert [r["round"] for r in log if r.get("event") == "rankings"] == [0, 1]
+    saved = json.loads((out / "adapter" / "genshop_adapter.json").read_text())
+    flow = preset != "tiny-sdxl"
+    assert saved["steps"] == 4 and saved["prediction_type"] == ("flow" if flow else "epsilon")
+    assert saved["beta"] == (500.0 if flow else 5000.0)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(".attn.to_q." in k or ".attn1.to_q." in k for k in keys)
+    assert any(".ff.net.0.proj." in k for k in keys) == flow  # DiTs: attention and feed-forward; UNets: attention
+
+    evaluated = invoke_cli(["tune", "eval", "--group", "A", "--adapter", str(out / "adapter"), "--briefs", str(briefs),
+                            "--reward", str(reward_dir), "--variants", "2", "--inference-steps", "2", "--json",
+                            str(tmp_path / "eval.json")], env)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["briefs"] == 2 and 0 <= report["heldout_win_rate"] <= 1 and report["diversity_base"] > 0
+
+    # plain diffusers of the family, in a process that never imports genshop, loads the LoRA and it changes the images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENSHOP_MODELS", str(models_dir))
+        from genshop.settings import get_settings
+
+        get_settings.cache_clear()
+        pipeline_dir = ensure_weights(load_preset(preset))
+    get_settings.cache_clear()
+    script = f"""
+import sys, numpy as np, torch
+import diffusers
+pipe = diffusers.{FAMILY_PIPELINES[preset]}.from_pretrained({str(pipeline_dir)!r})
+def run():
+    return np.asarray(pipe("Women's red kurta", num_inference_steps=2, width=32, height=32, max_sequence_length=32,
+                           generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
+base = run()
+pipe.load_lora_weights({str(out / 'adapter')!r}, adapter_name="group_A")
+tuned = run()
+assert not any(m.startswith("genshop") for m in sys.modules)
+print(np.abs(tuned - base).mean())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) > 0.0
+
+
+@pytest.mark.parametrize("preset", ["tiny-random", *FAMILY_PIPELINES])
+def test_the_family_calls_its_network_and_vae_as_its_pipeline_does(preset, env):
+    """The tuning side of each family against its own pipeline: the conditioning and network
+    call (``encode_prompts``, ``prediction``) give the output the pipeline's first denoising
+    call got, and the ranked latents (``ranking_latents``, FLUX's unpacked) decode to the
+    pipeline's own image; VAE-encoded images have the same latent shape."""
+    import numpy as np
+
+    from genshop.families import family_of
+    from genshop.pipelines import load_pipeline
+    from genshop.tuning.denoising import vae_scale_factor
+
+    pipeline = load_pipeline(preset).pipeline
+    family = family_of(pipeline)
+    side = 32 // vae_scale_factor(pipeline)  # the latent's height and width
+    denoiser = family.denoiser(pipeline)
+    calls = []
+    hook = denoiser.register_forward_hook(lambda module, args, kwargs, output: calls.append((args, kwargs, output)),
+                                          with_kwargs=True)
+    call = dict(prompt="Women's red kurta", num_inference_steps=2, width=32, height=32, guidance_scale=1.0)
+    if family.t5_tokenizer_attr:
+        call["max_sequence_length"] = family.text_max_length(pipeline)
+    packed = pipeline(**call, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    hook.remove()
+    args, kwargs, output = calls[0]
+    output = output[0] if isinstance(output, tuple) else output.sample
+    latents_in = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if family.name == "flux":
+        latents_in, output, timestep = family.unpack(latents_in, side, side), family.unpack(output, side, side), timestep * 1000
+    conditioning = family.encode_prompts(pipeline, [call["prompt"]], (32, 32))
+    with torch.no_grad():
+        ours = family.prediction(denoiser, latents_in, timestep.expand(1), conditioning)
+    assert torch.allclose(ours, output, atol=1e-5), (ours - output).abs().max()
+
+    latents = family.ranking_latents(pipeline, packed, 32, 32)
+    assert latents.ndim == 4 and latents.shape[-2:] == (side, side)
+    image = pipeline(**call, generator=torch.Generator().manual_seed(0)).images[0]
+    decoded = family.decode_latents(pipeline, latents)[0]
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(image, dtype=float)).max() <= 1
+    assert family.encode_images(pipeline, [image]).shape == latents.shape
+    assert family.noise_process(pipeline).prediction_type == ("epsilon" if family.name in ("sd", "sdxl") else "flow")
 
 
 def test_target_groups_take_turns_and_a_tuned_group_gets_its_lora():

@@ -1,5 +1,7 @@
 """``genshop tune eval``: a group's LoRA against the base model on held-out briefs, guarding
-against reward hacking.
+against reward hacking. Any model family: the adapter is loaded with the family pipeline's
+own ``load_lora_weights`` and the images made as generation makes them
+(``family.generation_kwargs``), the same seeds for both arms.
 
 For every brief, ``variants`` images from the base model and from the tuned one, with the
 same seeds, are compared pairwise:
@@ -90,7 +92,7 @@ def evaluate_tuning(config: TuneEvalConfig, progress: ProgressCallback | None = 
     briefs = load_tune_briefs(config.briefs, preset, config.seed, steps=config.inference_steps,
                               variants=config.variants)
     loaded = load_pipeline(preset)
-    pipeline = loaded.pipeline
+    pipeline, family = loaded.pipeline, loaded.family
     adapters = {"eval": config.adapter}  # under its own name, beside any the workers' settings loaded
     pipeline.load_lora_weights(str(config.adapter), adapter_name=adapter_name("eval"))
     model, embedder = load_scorer(config.reward)
@@ -113,9 +115,10 @@ def evaluate_tuning(config: TuneEvalConfig, progress: ProgressCallback | None = 
         for arm in ("base", "tuned"):
             use_group(pipeline, "eval" if arm == "tuned" else None, adapters)
             generators = [torch.Generator().manual_seed(brief.seed + v) for v in range(brief.variants)]
+            kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", brief.variants,
+                                              brief.guidance_scale, preset.defaults.max_sequence_length)
             with torch.inference_mode():
-                images = pipeline([prompt] * brief.variants, num_inference_steps=brief.steps,
-                                  guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
+                images = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
                                   generator=generators).images
             grid_rows.append((f"{arm}: {brief.title}", images))
             rewards[arm] += score_images(model, embedder, images, prompt, [config.group])[config.group].rewards

@@ -1,17 +1,36 @@
 """Preference objectives for a diffusion model, on per-sample denoising errors.
 
-For a noised latent ``x_t`` of candidate ``k`` the policy (UNet with the group's LoRA) and
-the reference (the same UNet, adapters disabled) each have a denoising error
-``e = ||eps - eps_hat(x_t, t)||^2`` (mean over the latent). Diffusion-DPO (Wallace et al.,
-2023, eq. 14 as in diffusers' ``train_diffusion_dpo.py``) scores each candidate with the
-implicit reward ``r_k = -beta / 2 * (e_policy_k - e_reference_k)`` and maximises
-``log sigmoid(r_winner - r_loser)``. The listwise objective is the Plackett–Luce
-likelihood of the whole ranking under the same implicit rewards,
+For a noised latent ``x_t`` of candidate ``k`` the policy (the denoiser with the group's
+LoRA) and the reference (the same denoiser, adapters disabled) each have a denoising error
+``e = ||y - y_hat(x_t, t)||^2`` (mean over the latent) against the process's target ``y``
+(``genshop.tuning.noise``): the noise ``eps`` for ε-prediction, the velocity
+``sqrt(a_t) eps - sqrt(1 - a_t) x0`` for v-prediction, and for flow matching (SD3, FLUX)
+the velocity ``v = eps - x0`` of ``x_t = (1 - s) x0 + s eps``. Diffusion-DPO (Wallace et
+al., 2023, eq. 14 as in diffusers' ``train_diffusion_dpo.py``) scores each candidate with
+the implicit reward ``r_k = -beta / 2 * (e_policy_k - e_reference_k)`` and maximises
+``log sigmoid(r_winner - r_loser)``. Flow-DPO (Liu et al., 2025, "Improving Video
+Generation with Human Feedback") is the same objective with the velocity error in place of
+the ε error,
+
+    r_k = -beta / 2 * (||v_k - v_theta(x_t,k, t)||^2 - ||v_k - v_ref(x_t,k, t)||^2),
+
+with a constant beta (the paper's derivation gives ``beta_t = beta (1 - s)^2``, since
+``eps_hat - eps = (1 - s)(v_hat - v)``; it reports the constant form to train better).
+These functions take the errors, so one implementation serves every prediction type.
+
+The listwise objective is the Plackett–Luce likelihood of the whole ranking under the same
+implicit rewards,
 
     log P(ranking) = sum_{i < K} [ r_(i) - log sum_{j >= i} exp r_(j) ]
 
 (candidates ordered best first), which is exactly DPO when K = 2. Noise and timestep are
 shared by the candidates of one ranking, as DPO shares them between winner and loser.
+
+Default beta per prediction type (``default_beta``): 5000 for ε- and v-prediction (the
+paper's SD 1.5 and SDXL value); 500 for flow matching: the ε-DPO strength carried over,
+``5000 * E[(1 - s)^2]``, is about 560 under SD3's shifted logit-normal timestep sampling
+(about 1460 under FLUX's unshifted one): the velocity error is the ε error without the
+``(1 - s)^2`` that discounts low-noise timesteps, so the same beta would be ~10x stronger.
 """
 
 from __future__ import annotations
@@ -20,8 +39,18 @@ import torch
 import torch.nn.functional as F
 
 
+DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 500.0}
+
+
+def default_beta(prediction_type: str) -> float:
+    """The objective's beta when none is given, by the denoiser's prediction type."""
+    if prediction_type not in DEFAULT_BETA:
+        raise ValueError(f"unknown prediction type {prediction_type!r}: one of {', '.join(DEFAULT_BETA)}")
+    return DEFAULT_BETA[prediction_type]
+
+
 def denoising_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error ``[N]`` of ``[N, C, H, W]`` predictions."""
+    """Per-sample mean squared error ``[N]`` of ``[N, ...]`` predictions (latents or packed tokens)."""
     return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
 
 

@@ -1,22 +1,28 @@
 """``genshop tune``: a LoRA per customer group, trained on the group reward model's preferences.
 
-One run tunes one group. Top to bottom:
+One run tunes one group, on any model family (``genshop.families``: SD 1.x, SDXL, SD3,
+FLUX). Top to bottom:
 
 1. Load the base pipeline (a preset, like the workers), the briefs and the reward model;
-   add a fresh LoRA (``adapters.add_group_adapter``): the only trainable weights.
+   add a fresh LoRA on the family's targets (``adapters.add_group_adapter``: UNet
+   attention; DiT attention and feed-forward): the only trainable weights.
 2. Each round (online): for every brief, sample ``candidates`` images from the current
    policy (the pipeline with the adapter), score them for the group, and keep their
-   latents ranked best first. Offline (``preferences``): impressions of the reward
+   latents ranked best first (``[C, H, W]`` latents in the VAE's scaled space; FLUX's
+   packed tokens unpacked). Offline (``preferences``): impressions of the reward
    format whose items are image files (e.g. an A/B import) give, per impression, the
    chosen image against each other one shown; their latents come from the VAE.
 3. Train on the rankings: the same noise and timestep for the candidates of a ranking,
-   denoising errors of the policy and of the reference (the same UNet with adapters
-   disabled: no second copy in memory), and the chosen objective (``losses``).
+   the family's forward process (DDPM ε/v for SD 1.x and SDXL, flow matching with
+   velocity targets and logit-normal timesteps for SD3 and FLUX: ``noise``), denoising
+   errors of the policy and of the reference (the same network with adapters disabled: no
+   second copy in memory), and the chosen objective (``losses``: Diffusion-DPO, its
+   Flow-DPO form, or Plackett–Luce), beta by default per prediction type.
 4. Checkpoints (LoRA + optimizer, safetensors) every ``checkpoint_every`` steps and at
    the end of each round, with the round's rankings cached, so a killed run resumes
-   where it stopped. The adapter is saved in the diffusers LoRA format into
-   ``out/adapter``; loss and implicit-accuracy curves and before/after sample grids go
-   to ``out`` as PNG.
+   where it stopped. The adapter is saved in the diffusers LoRA format of the family's
+   pipeline into ``out/adapter``; loss and implicit-accuracy curves and before/after
+   sample grids go to ``out`` as PNG.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from genshop.generation import build_prompt
 from genshop.run_log import append_log, read_log, truncate_log
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
 from genshop.adapters import add_group_adapter, save_group_adapter
-from genshop.tuning.losses import denoising_errors, preference_loss
+from genshop.families import family_of
+from genshop.tuning.denoising import vae_scale_factor
+from genshop.tuning.losses import default_beta, denoising_errors, preference_loss
 
 ProgressCallback = Callable[[str, int, int, dict], None]  # (stage, done, total, metrics)
 
@@ -61,7 +69,8 @@ class TuneConfig(BaseModel):
     steps_per_round: int = Field(default=100, ge=1)
     batch_size: int = Field(default=2, ge=1, description="rankings per step")
     learning_rate: float = Field(default=1e-4, gt=0)
-    beta: float = Field(default=5000.0, gt=0, description="Diffusion-DPO's beta (the paper's SD 1.5 value)")
+    beta: float | None = Field(default=None, gt=0, description="the objective's beta (default by prediction type: "
+                               "5000 for ε/v, the paper's SD 1.5 value; 500 for flow matching; losses.DEFAULT_BETA)")
     rank: int = Field(default=4, ge=1)
     inference_steps: int | None = None
     guidance_scale: float | None = None
@@ -90,15 +99,10 @@ def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
 # ---------------------------------------------------------------- rankings
 
 @torch.no_grad()
-def decode_latents(pipeline, latents: torch.Tensor) -> list:
-    images = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor).sample
-    return pipeline.image_processor.postprocess(images, output_type="pil")
-
-
-@torch.no_grad()
-def sample_rankings(pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int
-                    ) -> tuple[list[Ranking], torch.Tensor]:
-    """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward."""
+def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int,
+                    max_sequence_length: int | None = None) -> tuple[list[Ranking], torch.Tensor]:
+    """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward;
+    the latents ``[briefs, k, C, H, W]`` as the family trains on them (``ranking_latents``)."""
     from reward.scoring import score_images
 
     model, embedder = scorer
@@ -106,18 +110,21 @@ def sample_rankings(pipeline, briefs: list[Brief], group: str, scorer, k: int, s
     for i, brief in enumerate(briefs):
         prompt = build_prompt(brief)
         generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        sampled = pipeline(prompt, num_images_per_prompt=k, num_inference_steps=brief.steps,
-                           guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
+        kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", k, brief.guidance_scale,
+                                          max_sequence_length)
+        sampled = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
                            generator=generator, output_type="latent").images
-        rewards = score_images(model, embedder, decode_latents(pipeline, sampled), prompt, [group])[group].rewards
+        sampled = family.ranking_latents(pipeline, sampled, brief.height, brief.width)
+        images = family.decode_latents(pipeline, sampled)
+        rewards = score_images(model, embedder, images, prompt, [group])[group].rewards
         order = np.argsort(rewards)[::-1].copy()
         rankings.append(Ranking(prompt=prompt, rewards=[rewards[j] for j in order]))
-        latents.append(sampled[torch.from_numpy(order)].cpu())
+        latents.append(sampled[torch.from_numpy(order)].float().cpu())
     return rankings, torch.stack(latents)
 
 
 @torch.no_grad()
-def preference_rankings(pipeline, paths: list[Path], group: str, width: int, height: int
+def preference_rankings(family, pipeline, paths: list[Path], group: str, width: int, height: int
                         ) -> tuple[list[Ranking], torch.Tensor]:
     """Offline pairs from impressions: the chosen image against each other one shown (K = 2)."""
     from PIL import Image
@@ -133,8 +140,7 @@ def preference_rankings(pipeline, paths: list[Path], group: str, width: int, hei
     def latent(path: str) -> torch.Tensor:
         if path not in cache:
             image = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
-            pixels = pipeline.image_processor.preprocess(image).to(pipeline.device, pipeline.vae.dtype)
-            cache[path] = pipeline.vae.encode(pixels).latent_dist.mean[0].cpu() * pipeline.vae.config.scaling_factor
+            cache[path] = family.encode_images(pipeline, [image])[0]
         return cache[path]
 
     rankings, latents = [], []
@@ -148,42 +154,59 @@ def preference_rankings(pipeline, paths: list[Path], group: str, width: int, hei
 
 # ---------------------------------------------------------------- one step
 
-def preference_step(unet, noise_scheduler, latents: torch.Tensor, conditioning: torch.Tensor, objective: str,
-                    beta: float, generator: torch.Generator, reference_unet=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and implicit accuracy on ``[B, K, C, H, W]`` ranked latents with ``[B, L, D]`` prompt embeddings.
+def preference_step(family, denoiser, process, latents: torch.Tensor, conditioning: dict[str, torch.Tensor],
+                    objective: str, beta: float, generator: torch.Generator, reference=None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and implicit accuracy on ``[B, K, C, H, W]`` ranked latents with one conditioning row per ranking.
 
-    The reference is ``unet`` with its adapters disabled, or ``reference_unet`` when given
-    (the original Diffusion-DPO structure, which ``bench/dpo.py`` compares against)."""
+    ``family`` makes the network call (``prediction``) and ``process`` (its
+    ``noise_process``) the noised input and target: ε/v-prediction or flow matching. The
+    same noise and timestep go to the ``K`` candidates of a ranking. The reference is
+    ``denoiser`` with its adapters disabled, or ``reference`` when given (the original
+    Diffusion-DPO structure, a frozen copy, which ``bench/dpo.py`` compares against)."""
     b, k = latents.shape[:2]
-    x0 = latents.flatten(0, 1)
-    noise = torch.randn((b, 1, *latents.shape[2:]), generator=generator).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).repeat_interleave(k)
-    x0, noise, timesteps = x0.to(unet.device), noise.to(unet.device), timesteps.to(unet.device)
-    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
-    hidden = conditioning.repeat_interleave(k, dim=0)
-    policy = denoising_errors(unet(noisy, timesteps, hidden).sample, target).view(b, k)
+    parameter = next(denoiser.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    x0 = latents.flatten(0, 1).float()
+    noise = torch.randn((b, 1, *latents.shape[2:]), generator=generator).expand(-1, k, *latents.shape[2:]).flatten(0, 1)
+    timesteps = process.sample_timesteps(b, generator).repeat_interleave(k)
+    noisy, target = process.noisy_and_target(x0, noise, timesteps)
+    noisy, target, timesteps = noisy.to(device, dtype), target.to(device), timesteps.to(device)
+    repeated = {name: value.to(device, dtype if value.is_floating_point() else value.dtype).repeat_interleave(k, dim=0)
+                for name, value in conditioning.items()}
+
+    def errors(network) -> torch.Tensor:
+        return denoising_errors(family.prediction(network, noisy, timesteps, repeated), target).view(b, k)
+
+    policy = errors(denoiser)
     with torch.no_grad():
-        if reference_unet is not None:
-            reference = denoising_errors(reference_unet(noisy, timesteps, hidden).sample, target).view(b, k)
+        if reference is not None:
+            reference_errors = errors(reference)
         else:
-            unet.disable_adapters()
+            denoiser.disable_adapters()
             try:
-                reference = denoising_errors(unet(noisy, timesteps, hidden).sample, target).view(b, k)
+                reference_errors = errors(denoiser)
             finally:
-                unet.enable_adapters()
-    return preference_loss(objective, policy, reference, beta)
+                denoiser.enable_adapters()
+    return preference_loss(objective, policy, reference_errors, beta)
 
 
 # ---------------------------------------------------------------- grids and curves
 
-def brief_grid(pipeline, briefs: list[Brief], path: Path) -> Path:
-    """The first six briefs' prompts, four seeds each (the generator's sample grid)."""
-    from genshop.training.generator import sample_grid
+def brief_grid(family, pipeline, briefs: list[Brief], path: Path, max_sequence_length: int | None = None) -> Path:
+    """The first six briefs' prompts, four seeds each, called as generation calls the family's pipeline."""
+    from genshop.contact_sheet import save_contact_sheet
 
-    first = briefs[0]
-    return sample_grid(pipeline, first.width, first.height, path, [build_prompt(b) for b in briefs[:6]],
-                       steps=first.steps, guidance=first.guidance_scale)
+    rows = []
+    for brief in briefs[:6]:
+        prompt = build_prompt(brief)
+        kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", 4, brief.guidance_scale,
+                                          max_sequence_length)
+        with torch.inference_mode():
+            images = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
+                              generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
+        rows.append((prompt, images))
+    return save_contact_sheet(rows, path)
 
 
 def plot_tune_curves(log: Path, path: Path) -> Path:
@@ -212,8 +235,6 @@ def plot_tune_curves(log: Path, path: Path) -> Path:
 
 def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     """Run (or resume) the tuning; returns the adapter folder (diffusers LoRA format)."""
-    from diffusers import DDPMScheduler
-
     from genshop.pipelines import load_pipeline
     from genshop.presets import load_preset
     from genshop.settings import get_settings
@@ -229,33 +250,45 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
                               guidance_scale=config.guidance_scale)
     loaded = load_pipeline(preset)
     pipeline = loaded.pipeline
-    unet = pipeline.unet
-    unet.requires_grad_(False)
+    family = family_of(pipeline)
+    denoiser = family.denoiser(pipeline)
+    denoiser.requires_grad_(False)
     torch.manual_seed(config.seed)
-    parameters = add_group_adapter(unet, config.group, config.rank)
+    parameters = add_group_adapter(denoiser, config.group, config.rank, targets=family.lora_targets)
     for parameter in parameters:
         parameter.requires_grad_(True)
+    if denoiser.dtype != torch.float32:  # fp16/bf16 weights: the LoRA trains in fp32, as diffusers' trainers do
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(denoiser, dtype=torch.float32)
     lora = torch.nn.ParameterList(parameters)  # the trainable part, as one module for checkpoints
     optimizer = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    process = family.noise_process(pipeline)
+    text_length = preset.defaults.max_sequence_length
+    beta = config.beta or default_beta(process.prediction_type)
     state_dir, log = out / "state", out / "log.jsonl"
     step = load_training_state(state_dir, lora, optimizer)["step"] if has_training_state(state_dir) else 0
     truncate_log(log, step)
     total = config.rounds * config.steps_per_round
     if not (out / "samples-before.png").is_file():
-        unet.disable_adapters()
-        brief_grid(pipeline, briefs, out / "samples-before.png")
-        unet.enable_adapters()
+        denoiser.disable_adapters()
+        brief_grid(family, pipeline, briefs, out / "samples-before.png", text_length)
+        denoiser.enable_adapters()
 
     scorer = None if config.preferences else load_scorer(config.reward)
-    prompt_cache: dict[str, torch.Tensor] = {}
+    prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
+    scale = vae_scale_factor(pipeline)
 
-    def conditioning(prompts: list[str]) -> torch.Tensor:
+    def conditioning(prompts: list[str], latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's conditioning rows of the prompts, cached (at the image size of the latents)."""
+        size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
         for prompt in prompts:
-            if prompt not in prompt_cache:
+            if (prompt, size) not in prompt_cache:
                 with torch.no_grad():
-                    prompt_cache[prompt] = pipeline.encode_prompt(prompt, pipeline.device, 1, False)[0][0]
-        return torch.stack([prompt_cache[p] for p in prompts])
+                    encoded = family.encode_prompts(pipeline, [prompt], size, text_length)
+                prompt_cache[prompt, size] = {name: value[0].detach() for name, value in encoded.items()}
+        rows = [prompt_cache[p, size] for p in prompts]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     while step < total:
         round_index = step // config.steps_per_round
@@ -268,11 +301,11 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             if progress:
                 progress("sample", 0, len(briefs), {"round": round_index})
             if config.preferences:
-                rankings, latents = preference_rankings(pipeline, config.preferences, config.group, briefs[0].width,
+                rankings, latents = preference_rankings(family, pipeline, config.preferences, config.group, briefs[0].width,
                                                         briefs[0].height)
             else:
-                rankings, latents = sample_rankings(pipeline, briefs, config.group, scorer, config.candidates,
-                                                    config.seed + round_index)
+                rankings, latents = sample_rankings(family, pipeline, briefs, config.group, scorer, config.candidates,
+                                                    config.seed + round_index, text_length)
             save_file({"latents": latents.contiguous()}, str(rankings_file),
                       metadata={"rankings": json.dumps([r.model_dump() for r in rankings])})
             append_log(log, {"event": "rankings", "round": round_index, "step": step, "rankings": len(rankings),
@@ -282,9 +315,10 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         round_end = (round_index + 1) * config.steps_per_round
         while step < round_end:
             chosen = torch.randint(len(rankings), (config.batch_size,), generator=generator)
-            loss, accuracy = preference_step(unet, noise_scheduler, latents[chosen],
-                                             conditioning([rankings[i].prompt for i in chosen.tolist()]),
-                                             config.objective, config.beta, generator)
+            batch = latents[chosen]
+            loss, accuracy = preference_step(family, denoiser, process, batch,
+                                             conditioning([rankings[i].prompt for i in chosen.tolist()], batch),
+                                             config.objective, beta, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
@@ -300,10 +334,11 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
                 save_training_state(state_dir, lora, optimizer, step)
 
     adapter = out / "adapter"
-    save_group_adapter(unet, config.group, adapter)
+    save_group_adapter(denoiser, config.group, adapter, family=family)
     (adapter / "genshop_adapter.json").write_text(json.dumps({
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
-        "base_revision": loaded.revision, "steps": step, "beta": config.beta, "rank": config.rank}, indent=2))
-    brief_grid(pipeline, briefs, out / "samples-after.png")
+        "base_revision": loaded.revision, "steps": step, "beta": beta, "rank": config.rank,
+        "family": family.name, "prediction_type": process.prediction_type}, indent=2))
+    brief_grid(family, pipeline, briefs, out / "samples-after.png", text_length)
     plot_tune_curves(log, out / "curves.png")
     return adapter
