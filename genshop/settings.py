@@ -28,6 +28,10 @@ class Settings(BaseModel):
     home: Path = Field(description="GENSHOP_HOME: images, built models, the default SQLite database")
     models_dir: Path = Field(description="GENSHOP_MODELS: where presets with random_init are built (default HOME/models)")
     database_url: str = Field(description="GENSHOP_DATABASE_URL: any SQLAlchemy URL (sqlite, postgresql+psycopg)")
+    images_url: str | None = Field(default=None, description="GENSHOP_IMAGES_URL: where images live: unset (files "
+                                   "under GENSHOP_HOME), file:///folder, or s3://bucket/prefix (AWS_* variables)")
+    index_url: str | None = Field(default=None, description="GENSHOP_INDEX_URL: http://host:port of `genshop index "
+                                  "serve`, the one index of a deployment; unset: the faiss index in GENSHOP_INDEX_DIR")
     broker_url: str = Field(description="GENSHOP_BROKER_URL: Celery broker (Redis)")
     result_backend: str = Field(description="GENSHOP_RESULT_BACKEND: Celery result backend, defaults to the broker URL")
     preset: str = Field(description="GENSHOP_PRESET: the generation preset workers load")
@@ -118,6 +122,8 @@ def get_settings() -> Settings:
         home=home,
         models_dir=Path(_env("GENSHOP_MODELS", str(home / "models"))).expanduser().resolve(),
         database_url=_env("GENSHOP_DATABASE_URL", f"sqlite:///{home / 'genshop.db'}"),
+        images_url=_env("GENSHOP_IMAGES_URL", "") or None,
+        index_url=_env("GENSHOP_INDEX_URL", "").rstrip("/") or None,
         broker_url=broker,
         result_backend=_env("GENSHOP_RESULT_BACKEND", broker),
         preset=_env("GENSHOP_PRESET", "mini"),

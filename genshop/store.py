@@ -8,16 +8,11 @@ PostgreSQL (``postgresql+psycopg://...``).
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
-import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel, Field
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, delete, event, func, select, update)
@@ -25,6 +20,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from genshop.briefs import Brief
+from genshop.images import LocalImageStore, open_image_store
+
+ImageStore = LocalImageStore  # the local folder store, by its former name
 
 BriefStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -293,31 +291,6 @@ def item_id(brief_id: str, variant: int) -> str:
     return uuid.uuid5(ITEM_NAMESPACE, f"{brief_id}/{variant}").hex
 
 
-class ImageStore:
-    """PNG files addressed by the SHA-256 of their bytes: ``images/ab/cd/abcd....png``."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def put(self, image: Image.Image) -> tuple[str, str]:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        data = buffer.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        relative = f"images/{digest[:2]}/{digest[2:4]}/{digest}.png"
-        target = self.root / relative
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        return digest, relative
-
-    def path(self, relative: str) -> Path:
-        return self.root / relative
-
-
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -350,7 +323,7 @@ class UnknownExperimentError(LookupError):
 
 
 class Store:
-    def __init__(self, database_url: str, home: str | Path):
+    def __init__(self, database_url: str, home: str | Path, images_url: str | None = None):
         self.url = database_url
         if database_url.startswith("sqlite:///"):
             Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +335,7 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._create_tables()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.images = ImageStore(home)
+        self.images = open_image_store(images_url, home)
 
     def _create_tables(self, attempts: int = 5) -> None:
         """``create_all``, retried: processes starting together race between "exists?" and CREATE."""
@@ -689,4 +662,4 @@ def open_store() -> Store:
     from genshop.settings import get_settings
 
     settings = get_settings()
-    return Store(settings.database_url, settings.home)
+    return Store(settings.database_url, settings.home, settings.images_url)

@@ -375,3 +375,48 @@ def api_service(tmp_path_factory, models_dir, open_clip_dir):
     yield server, env
     server.stop()
     worker.stop()
+
+
+class S3Server:
+    """moto's standalone S3 API server on a free loopback port, with one bucket made."""
+
+    def __init__(self, log: Path, bucket: str = "genshop-test"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        import httpx
+
+        def answers():
+            assert self.proc.poll() is None, f"moto server exited: {log.read_text()[-3000:]}"
+            try:
+                return httpx.get(self.url, timeout=1).status_code < 500
+            except httpx.TransportError:
+                return False
+        wait_for(answers, 30, 0.1, "the S3 server to answer")
+        self.client().create_bucket(Bucket=bucket)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The AWS variables a genshop process needs to reach this server."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()

@@ -201,7 +201,7 @@ def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depe
             for item in items]
 
 
-@router.get("/items/{item_id}/image", response_class=FileResponse,
+@router.get("/items/{item_id}/image", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such item of this designer"}})
 def item_image(item_id: str, designer: str = Depends(current_designer), store: Store = Depends(get_store)):
     """The image of one of the designer's generated items, or of a catalog product."""
@@ -215,8 +215,8 @@ def item_image(item_id: str, designer: str = Depends(current_designer), store: S
         relative = product[0].image_path
     if relative is None:
         raise HTTPException(404, f"no item with id {item_id!r}")
-    return FileResponse(store.images.path(relative), media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=31536000, immutable"})
+    return Response(store.images.read(relative), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
 
 # -- search ---------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Designers' API: briefs on the generation queue, their variants with per-group reward "
                               "scores and attributes, search, A/B exports.")
     app.state.settings = settings
-    app.state.store = Store(settings.database_url, settings.home)
+    app.state.store = Store(settings.database_url, settings.home, settings.images_url)
     app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
     app.include_router(router)
     app.include_router(sessions)
