@@ -308,6 +308,7 @@ def _register_model_commands() -> None:
     from genshop.cli_understand import understand
     from genshop.cli_experiments import export, import_group, report
     from genshop.cli_tune import tune
+    from genshop.cli_infra import index_group
 
     main.add_command(reward)
     main.add_command(understand)
@@ -318,6 +319,7 @@ def _register_model_commands() -> None:
     main.add_command(import_group, "import")
     main.add_command(report)
     main.add_command(tune)
+    main.add_command(index_group)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)

@@ -73,7 +73,7 @@ def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
 def search(query, image, category, k, filters, as_json) -> None:
     """Search generated and catalog items by text ("red kurta for women") or by image."""
     from genshop.embedding import EmbeddingConfig, load_embedder
-    from genshop.enrichment import PRODUCT_INDEX, open_index
+    from genshop.enrichment import PRODUCT_INDEX, PRODUCT_NAME, readable_index
     from genshop.settings import get_settings
     from genshop.understanding.index import IndexInputError
     from genshop.understanding.search import QueryError
@@ -82,8 +82,8 @@ def search(query, image, category, k, filters, as_json) -> None:
     settings = get_settings()
     if settings.embedding_model is None:
         raise click.ClickException("GENSHOP_EMBEDDING_MODEL is 'off': there is no index to search")
-    folder = settings.index_dir / PRODUCT_INDEX if category else settings.index_dir
-    index = open_index(folder)
+    folder = settings.index_url or (settings.index_dir / PRODUCT_INDEX if category else settings.index_dir)
+    index = readable_index(settings.index_dir, settings.index_url, PRODUCT_NAME if category else "main")
     if index is None:
         raise click.ClickException(f"no index in {folder}: run `genshop catalog import` or generate first"
                                    + (" with an understanding folder that has a product vector" if category else ""))

@@ -11,11 +11,12 @@ With a product-vector model in the understanding folder, the fused image + title
 attributes vector of each item goes into a second index (``products/``), the one
 ``genshop search --category`` asks.
 
-The index is one folder (``GENSHOP_INDEX_DIR``) shared by every worker: each write holds
-an exclusive file lock for load → near-duplicate search → add → save, so concurrent
-enrich tasks serialise there and nothing is lost. Every write loads and saves the whole
-index: fine for catalogs of this size, the place to change (a long-lived index writer)
-when catalogs grow.
+Where the index lives: by default one folder (``GENSHOP_INDEX_DIR``) shared by every worker
+of one machine: each write holds an exclusive file lock for load → near-duplicate search →
+add → save, so concurrent enrich tasks serialise there and nothing is lost (every write
+loads and saves the whole index). With ``GENSHOP_INDEX_URL`` (several machines), the index
+owner (``genshop index serve``, ``understanding.remote``) holds it in memory and does the
+near-duplicate search and the add under its own lock; callers do not know which.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from genshop.store import ItemKind, NewCatalogProduct, NewUnderstanding, Store, 
 from genshop.understanding.categorize import HIERARCHY, ItemUnderstanding, LinearHeads, ZeroShotClassifier, understand
 from genshop.understanding.fitting import DEFAULT_TAXONOMY, load_zero_shot_temperatures
 from genshop.understanding.fusion import FUSION_CONFIG, ProductFusion, modality_embeddings
-from genshop.understanding.index import IndexConfig, VectorIndex
+from genshop.understanding.index import IndexConfig, VectorIndex, near_duplicates  # noqa: F401 - re-exported
 from genshop.understanding.taxonomy import LEVELS, UNKNOWN_VALUES, Taxonomy, load_taxonomy
 
 ProgressCallback = Callable[[int, int], None]
 LOCK_FILE = ".lock"
 PRODUCT_INDEX = "products"  # subfolder: the index of multimodal product vectors (category → product search)
+PRODUCT_NAME = "products"  # its name on an index owner (`genshop index serve`); the image index is "main"
 
 
 class EnrichConfig(BaseModel):
@@ -49,6 +51,8 @@ class EnrichConfig(BaseModel):
 
     embedding: EmbeddingConfig
     index_dir: Path
+    index_url: str | None = Field(default=None, description="http://host:port of `genshop index serve` (the one "
+                                                            "index of a deployment); None: the folder index_dir")
     taxonomy: Path = DEFAULT_TAXONOMY
     understanding: Path | None = Field(default=None, description="folder from `genshop understand fit`: calibration "
                                                                 "temperatures and the top-tuned heads")
@@ -81,7 +85,8 @@ def enrich_config_from_settings(settings) -> EnrichConfig:
     if settings.embedding_model is None:
         raise ValueError("GENSHOP_EMBEDDING_MODEL is 'off': there is no enrich stage")
     return EnrichConfig(embedding=EmbeddingConfig.for_directory(settings.embedding_model, device=settings.device),
-                        index_dir=settings.index_dir, understanding=settings.understanding,
+                        index_dir=settings.index_dir, index_url=settings.index_url,
+                        understanding=settings.understanding,
                         classifier=settings.classifier)
 
 
@@ -127,6 +132,33 @@ def open_index(folder: Path) -> VectorIndex | None:
     return VectorIndex.load(folder) if (Path(folder) / "manifest.json").is_file() else None
 
 
+@contextmanager
+def writable_index(index_dir: Path, index_url: str | None, name: str, dim: int) -> Iterator:
+    """The index ``name`` (``main`` or ``products``) to write: with ``index_url``, the index owner's
+    (``RemoteIndex``: each call is one locked write there); without, the folder's under its file lock."""
+    if index_url:
+        from genshop.understanding.remote import RemoteIndex
+
+        remote = RemoteIndex(index_url, name)
+        try:
+            yield remote
+        finally:
+            remote.close()
+    else:
+        with locked_index(index_dir / PRODUCT_INDEX if name == PRODUCT_NAME else index_dir, dim) as index:
+            yield index
+
+
+def readable_index(index_dir: Path, index_url: str | None, name: str = "main"):
+    """The index ``name`` to search (``RemoteIndex`` or a loaded ``VectorIndex``), None when there is none yet."""
+    if index_url:
+        from genshop.understanding.remote import RemoteIndex
+
+        remote = RemoteIndex(index_url, name)
+        return remote if remote.exists() else None
+    return open_index(index_dir / PRODUCT_INDEX if name == PRODUCT_NAME else index_dir)
+
+
 def index_metadata(item: ItemToEnrich, understood: ItemUnderstanding) -> dict[str, str]:
     predicted = {level: getattr(understood, level).label for level in LEVELS}
     predicted |= {name: score.label for name, score in understood.attributes.items()}
@@ -150,12 +182,12 @@ def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]
         embeddings, understood = understand_images(enricher, images)
         metadata = [index_metadata(item, u) for item, u in zip(todo, understood)]
         ids = [item.id for item in todo]
-        with locked_index(enricher.config.index_dir, embeddings.shape[1]) as index:
-            duplicates = near_duplicates(index, ids, embeddings, enricher.config.near_duplicate_above)
-            index.add(ids, embeddings, metadata)
-            if enricher.fusion is not None:  # under the image index's lock too: one writer for both
+        config = enricher.config
+        with writable_index(config.index_dir, config.index_url, "main", embeddings.shape[1]) as index:
+            duplicates = index.add_with_near_duplicates(ids, embeddings, metadata, config.near_duplicate_above)
+            if enricher.fusion is not None:  # under the image index's lock too (local): one writer for both
                 vectors = product_vectors(enricher, embeddings, metadata)
-                with locked_index(enricher.config.index_dir / PRODUCT_INDEX, vectors.shape[1]) as products:
+                with writable_index(config.index_dir, config.index_url, PRODUCT_NAME, vectors.shape[1]) as products:
                     products.add(ids, vectors, metadata)
         store.add_understandings([
             NewUnderstanding(
@@ -167,23 +199,6 @@ def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]
                 near_duplicate_similarity=duplicate[1] if duplicate else None)
             for item, embedding, u, duplicate in zip(todo, embeddings, understood, duplicates)])
     return store.list_understandings([i.id for i in items], enricher.model_id)
-
-
-def near_duplicates(index: VectorIndex, ids: Sequence[str], embeddings: np.ndarray,
-                    above: float) -> list[tuple[str, float] | None]:
-    """For each new item, its most similar item (indexed earlier, or earlier in this batch) when at least ``above``."""
-    found: list[tuple[str, float] | None] = []
-    hits = index.search(embeddings, k=2) if len(index) else [[] for _ in embeddings]
-    for i, embedding in enumerate(embeddings):
-        others = [hit for hit in hits[i] if hit.id != ids[i]]  # a redone item may be indexed already
-        best = (others[0].id, others[0].score) if others else None
-        if i:
-            similarities = embeddings[:i] @ embedding
-            j = int(np.argmax(similarities))
-            if best is None or similarities[j] > best[1]:
-                best = (ids[j], float(similarities[j]))
-        found.append(best if best is not None and best[1] >= above else None)
-    return found
 
 
 def enrich_brief(store: Store, brief_id: str, enricher: Enricher) -> list[UnderstandingRecord]:

@@ -439,6 +439,15 @@ class VectorIndex:
             self._faiss = self._rebuilt("hnsw")
         self._faiss.add_with_ids(matrix, labels)
 
+    def add_with_near_duplicates(self, ids: Sequence[str], vectors: Any, metadata: Sequence[Mapping[str, str]] | None,
+                                 above: float) -> list[tuple[str, float] | None]:
+        """``near_duplicates`` of the new items (against the index and earlier items of the batch), then ``add``:
+        one call, so an index owner runs both under one lock."""
+        matrix = normalised_matrix(vectors, self.config.dim, "vectors", rows=len(checked_ids(ids)))
+        found = near_duplicates(self, list(ids), matrix, above)
+        self.add(ids, matrix, metadata)
+        return found
+
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items; return how many were live. Unknown ids are ignored, so a retried
         delete is harmless."""
@@ -564,6 +573,23 @@ class VectorIndex:
             raise ValueError(f"{folder}: the faiss index ({loaded.ntotal} vectors, dim {loaded.d}) does not match "
                              f"the manifest ({manifest['count']} items + {len(index._tombstones)} tombstones)")
         return index
+
+
+def near_duplicates(index: VectorIndex, ids: Sequence[str], embeddings: np.ndarray,
+                    above: float) -> list[tuple[str, float] | None]:
+    """For each new item, its most similar item (indexed earlier, or earlier in this batch) when at least ``above``."""
+    found: list[tuple[str, float] | None] = []
+    hits = index.search(embeddings, k=2) if len(index) else [[] for _ in embeddings]
+    for i, embedding in enumerate(embeddings):
+        others = [hit for hit in hits[i] if hit.id != ids[i]]  # a redone item may be indexed already
+        best = (others[0].id, others[0].score) if others else None
+        if i:
+            similarities = embeddings[:i] @ embedding
+            j = int(np.argmax(similarities))
+            if best is None or similarities[j] > best[1]:
+                best = (ids[j], float(similarities[j]))
+        found.append(best if best is not None and best[1] >= above else None)
+    return found
 
 
 def build_index(config: IndexConfig, ids: Sequence[str], vectors: Any,

@@ -225,8 +225,19 @@ def _index_version(folder: str, saved_ns: int) -> VectorIndex:
     return VectorIndex.load(folder)
 
 
-def current_index(folder: Path) -> VectorIndex | None:
-    """The last saved index, loaded once per save (saves commit by renaming the manifest)."""
+@lru_cache(maxsize=2)
+def _remote_index(url: str):
+    from genshop.understanding.remote import RemoteIndex
+
+    return RemoteIndex(url, "main")
+
+
+def current_index(folder: Path, url: str | None = None):
+    """The index owner's index (``GENSHOP_INDEX_URL``), or the folder's last saved index, loaded
+    once per save (saves commit by renaming the manifest); None when there is none yet."""
+    if url:
+        remote = _remote_index(url)
+        return remote if remote.exists() else None
     manifest = folder / "manifest.json"
     try:
         return _index_version(str(folder), manifest.stat().st_mtime_ns)
@@ -248,7 +259,7 @@ def _search(request: Request, designer: str, text: str | None, image: Path | Non
     store: Store = request.app.state.store
     if settings.embedding_model is None:
         raise HTTPException(503, "search is off (GENSHOP_EMBEDDING_MODEL is 'off')")
-    index = current_index(settings.index_dir)
+    index = current_index(settings.index_dir, settings.index_url)
     if index is None:
         return []
     try:
