@@ -145,12 +145,24 @@ def demo(out_dir: Path, preset: str | None) -> None:
 def worker(concurrency: int, loglevel: str, pool: str, hostname: str, queues: str | None) -> None:
     """Start a Celery worker (models loaded once per process, only those its queues need)."""
     settings = get_settings()
+    _database_ready()
     queues = queues or ",".join(settings.worker_queues)
     os.environ["GENSHOP_WORKER_QUEUES"] = queues
     os.environ.setdefault("GENSHOP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
     _supervise([sys.executable, "-m", "celery", "-A", "workers.app:app", "worker", f"--concurrency={concurrency}",
                 f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={queues}", f"--hostname={hostname}",
                 "--without-gossip", "--without-mingle"])
+
+
+def _database_ready() -> None:
+    """The schema at this code's revision before a worker or server starts: upgraded, or refused
+    with one line (``genshop.db``; ``GENSHOP_DB_AUTO_UPGRADE``)."""
+    from genshop.db import SchemaError
+
+    try:
+        _store()
+    except SchemaError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _supervise(argv: list[str], restart_delay_s: float = 1.0) -> None:
@@ -198,6 +210,7 @@ def serve(host: str, port: int) -> None:
         raise click.ClickException("no API tokens: set GENSHOP_API_TOKENS='designer:TOKEN,...' or "
                                    "GENSHOP_API_TOKENS_FILE (a YAML mapping of designer to token)")
     torch.set_num_threads(int(os.environ.get("GENSHOP_TORCH_THREADS", "1")))  # many small concurrent queries
+    _database_ready()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
@@ -308,7 +321,7 @@ def _register_model_commands() -> None:
     from genshop.cli_understand import understand
     from genshop.cli_experiments import export, import_group, report
     from genshop.cli_tune import tune
-    from genshop.cli_infra import index_group
+    from genshop.cli_infra import db_group, index_group
 
     main.add_command(reward)
     main.add_command(understand)
@@ -320,6 +333,7 @@ def _register_model_commands() -> None:
     main.add_command(report)
     main.add_command(tune)
     main.add_command(index_group)
+    main.add_command(db_group)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)

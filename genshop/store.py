@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, delete, event, func, select, update)
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from genshop.briefs import Brief
@@ -59,18 +59,9 @@ class BriefRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class BriefDesignerRow(Base):
-    """Who submitted a brief through the HTTP API (briefs from the CLI have no row).
-
-    A table of its own, not a column of ``briefs``, so databases made before the API
-    gain it from ``create_all`` without a migration."""
-
-    __tablename__ = "brief_designers"
-
-    brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), primary_key=True)
-    designer: Mapped[str] = mapped_column(String(64), index=True)
+    # who submitted it through the HTTP API (None: from the CLI); migration 0003 moved it here
+    # from a table of its own (brief_designers)
+    designer: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class ItemRow(Base):
@@ -323,7 +314,12 @@ class UnknownExperimentError(LookupError):
 
 
 class Store:
-    def __init__(self, database_url: str, home: str | Path, images_url: str | None = None):
+    def __init__(self, database_url: str, home: str | Path, images_url: str | None = None,
+                 auto_upgrade: bool | None = None):
+        """Open the database, its schema brought to this code's revision (``genshop.db.ensure_schema``:
+        ``auto_upgrade`` None follows ``GENSHOP_DB_AUTO_UPGRADE``), and the image store ``images_url`` names."""
+        from genshop.db import ensure_schema
+
         self.url = database_url
         if database_url.startswith("sqlite:///"):
             Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -333,19 +329,9 @@ class Store:
             self.engine = create_engine(database_url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._create_tables()
+        ensure_schema(self.engine, auto_upgrade)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.images = open_image_store(images_url, home)
-
-    def _create_tables(self, attempts: int = 5) -> None:
-        """``create_all``, retried: processes starting together race between "exists?" and CREATE."""
-        for attempt in range(attempts):
-            try:
-                Base.metadata.create_all(self.engine)
-                return
-            except (OperationalError, ProgrammingError, IntegrityError) as exc:
-                if "already exists" not in str(exc) and "duplicate" not in str(exc).lower() or attempt == attempts - 1:
-                    raise
 
     # -- briefs -----------------------------------------------------------------------
     def create_brief(self, brief: Brief, preset: str, designer: str | None = None,
@@ -362,7 +348,7 @@ class Store:
         row = BriefRow(
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
-            cancel_requested=False, created_at=utcnow(), updated_at=utcnow(),
+            cancel_requested=False, created_at=utcnow(), updated_at=utcnow(), designer=designer,
         )
         try:
             with self.sessions.begin() as session:
@@ -374,9 +360,6 @@ class Store:
                         raise QueueLimitError(f"designer {designer!r} already has {queued} queued briefs "
                                               f"(the limit is {max_queued}); wait for some to start")
                 session.add(row)
-                if designer is not None:
-                    session.flush()
-                    session.add(BriefDesignerRow(brief_id=row.id, designer=designer))
         except IntegrityError:
             existing = self.find_by_reference(brief.client_reference) if brief.client_reference else None
             if existing is None:
@@ -395,7 +378,7 @@ class Store:
 
     def designer_of(self, brief_id: str) -> str | None:
         with self.sessions() as session:
-            return session.scalar(select(BriefDesignerRow.designer).where(BriefDesignerRow.brief_id == brief_id))
+            return session.scalar(select(BriefRow.designer).where(BriefRow.id == brief_id))
 
     def find_by_reference(self, reference: str) -> BriefRecord | None:
         with self.sessions() as session:
@@ -408,8 +391,7 @@ class Store:
             if designer is None:
                 row = session.get(BriefRow, brief_id)
             else:
-                row = session.scalar(select(BriefRow).join(BriefDesignerRow).where(
-                    BriefRow.id == brief_id, BriefDesignerRow.designer == designer))
+                row = session.scalar(select(BriefRow).where(BriefRow.id == brief_id, BriefRow.designer == designer))
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)
@@ -432,8 +414,7 @@ class Store:
         if title is not None:
             query = query.where(BriefRow.title == title)
         if designer is not None:
-            query = query.join(BriefDesignerRow, BriefDesignerRow.brief_id == BriefRow.id).where(
-                BriefDesignerRow.designer == designer)
+            query = query.where(BriefRow.designer == designer)
         return query
 
     def delete_queued_brief(self, brief_id: str) -> None:
