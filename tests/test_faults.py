@@ -155,14 +155,14 @@ from genshop.briefs import parse_brief
 from genshop.service import submit_brief
 from genshop.settings import get_settings
 from genshop.store import open_store
-from workers.app import enqueue_generation, generation_task_id
+from workers.app import enqueue_generation
 store = open_store()
 queued, lost = int(sys.argv[1]), int(sys.argv[2])
 for n in range(queued + lost):
     brief = parse_brief({"title": f"backlog {n}", "variants": 2, "steps": 8, "width": 64, "height": 64, "seed": n})
     record, _ = submit_brief(store, brief, get_settings().preset)
     # the lost ones: stored as enqueued, but their message never reached Redis
-    store.mark_enqueued(record.id, enqueue_generation(record.id) if n < queued else generation_task_id(record.id))
+    store.mark_enqueued(record.id, enqueue_generation(record.id) if n < queued else f"generate-{record.id}")
 """
 
 
