@@ -231,7 +231,7 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
 
 def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: float,
                   in_broker: Callable[[list[str]], set[str]] | None = None,
-                  lease_s: float | None = None) -> list[str]:
+                  lease_s: float | None = None, recheck_s: float = 2.0) -> list[str]:
     """Put unfinished briefs whose queue message is truly lost back on the queue.
 
     The database, not the broker, is the record of what must be done: a Redis restart
@@ -242,7 +242,11 @@ def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: flo
     and not enqueued for ``older_than_s``, no live delivery holds its lease (``lease_s``,
     default ``older_than_s``), and ``in_broker`` (given the candidates, it returns those
     whose message the broker still holds, waiting in the queue or reserved by a worker)
-    does not name it. A backlog that takes longer than ``older_than_s`` to drain is
+    does not name it, twice, ``recheck_s`` apart: a message is briefly in neither the queue
+    nor the unacknowledged set while a worker takes it (popped, not yet recorded) or Redis
+    restores it, and a loaded machine can stretch that moment; by the second look it is in
+    one of them again, or its brief has been started or finished (which the claim's
+    compare-and-set sees). A backlog that takes longer than ``older_than_s`` to drain is
     therefore left alone, however long it is. Without ``in_broker`` every stale brief is
     requeued (a duplicate message finds the brief finished, or its lease held).
     """
@@ -254,8 +258,11 @@ def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: flo
     lease_cutoff = now - timedelta(seconds=older_than_s if lease_s is None else lease_s)
     stale = store.stale_briefs(now - timedelta(seconds=older_than_s), lease_cutoff)
     if stale and in_broker is not None:
-        held = in_broker(stale)
-        stale = [brief_id for brief_id in stale if brief_id not in held]
+        for look in range(2):
+            if look:
+                time.sleep(recheck_s)
+            held = in_broker(stale) if stale else set()
+            stale = [brief_id for brief_id in stale if brief_id not in held]
     requeued = []
     for record in store.claim_stale(now - timedelta(seconds=older_than_s), stale):
         store.mark_enqueued(record.id, enqueue(record.id))
