@@ -183,7 +183,10 @@ def run_brief(
         with _Heartbeat(store, brief_id, owner, max(0.5, lease_s / 4)) as heartbeat:
             return _generate_missing(store, record, loaded, on_progress, progress_interval_s, heartbeat)
     finally:
-        store.release_lease(brief_id, owner)
+        try:
+            store.release_lease(brief_id, owner)
+        except Exception:  # noqa: BLE001 - the lease lapses by itself; the run's own outcome is what counts
+            pass
 
 
 def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline, on_progress: ProgressCallback | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,6 +126,27 @@ def test_1000_briefs_through_2_processes_survive_a_redis_restart(tmp_path, model
 
 SLOW = {"variants": 4, "steps": 40, "width": 128, "height": 128}  # a second or more of denoising
 
+SUBMIT = """
+import json, sys
+from genshop.briefs import parse_brief
+from genshop.service import submit_brief
+from genshop.settings import get_settings
+from genshop.store import open_store
+from workers.app import enqueue_generation
+store = open_store()
+for n, fields in enumerate(json.loads(sys.argv[1])):
+    record, _ = submit_brief(store, parse_brief({"title": f"brief {n}", "seed": n, **fields}), get_settings().preset)
+    store.mark_enqueued(record.id, enqueue_generation(record.id))
+    print(record.id)
+"""
+
+
+def submit_at_once(env: dict[str, str], *briefs: dict) -> list[str]:
+    """Submit and enqueue several briefs from one process, milliseconds apart."""
+    proc = subprocess.run([sys.executable, "-c", SUBMIT, json.dumps(list(briefs))], env=env, check=True, timeout=120,
+                          capture_output=True, text=True)
+    return proc.stdout.split()
+
 
 def test_a_killed_idle_pool_process_is_replaced_and_the_pool_stays_full(tmp_path, models_dir, start_worker):
     """Celery's 4 s wait for a new process's UP message is shorter than its model load:
@@ -137,16 +159,13 @@ def test_a_killed_idle_pool_process_is_replaced_and_the_pool_stays_full(tmp_path
     replaced = wait_for(lambda: len(p := pool_pids(worker)) == 2 and victim not in p and p, 30, 0.1,
                         what="the pool to be full again")
     # both processes take work at once: the replacement finished loading and reported UP
-    briefs = [cli_json(["submit", str(write_brief(tmp_path / f"b{n}.json", seed=n, **SLOW)), "--json"], env)
-              for n in range(2)]
+    brief_ids = submit_at_once(env, SLOW, SLOW)
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
-    wait_for(lambda: all(store.get_brief(b["brief_id"]).status == "succeeded" for b in briefs), 120, 0.2,
-             what="both briefs")
-    log = worker.log.read_text()
-    assert "Timed out waiting for UP" not in log
+    wait_for(lambda: all(store.get_brief(b).status == "succeeded" for b in brief_ids), 120, 0.2, what="both briefs")
+    assert "Timed out waiting for UP" not in worker.log.read_text()
     assert pool_pids(worker) == replaced
-    records = [store.get_brief(b["brief_id"]) for b in briefs]
-    assert records[0].started_at < records[1].finished_at and records[1].started_at < records[0].finished_at
+    first, second = (store.get_brief(b) for b in brief_ids)
+    assert first.started_at < second.finished_at and second.started_at < first.finished_at
 
 
 SUBMIT_BACKLOG = """
@@ -159,7 +178,7 @@ from workers.app import enqueue_generation
 store = open_store()
 queued, lost = int(sys.argv[1]), int(sys.argv[2])
 for n in range(queued + lost):
-    brief = parse_brief({"title": f"backlog {n}", "variants": 2, "steps": 8, "width": 64, "height": 64, "seed": n})
+    brief = parse_brief({"title": f"backlog {n}", "variants": 2, "steps": 4, "width": 64, "height": 64, "seed": n})
     record, _ = submit_brief(store, brief, get_settings().preset)
     # the lost ones: stored as enqueued, but their message never reached Redis
     store.mark_enqueued(record.id, enqueue_generation(record.id) if n < queued else f"generate-{record.id}")
@@ -171,10 +190,10 @@ def requeue_lines(log: str) -> list[str]:
 
 
 def test_a_backlog_longer_than_the_requeue_delay_never_multiplies(tmp_path, models_dir, start_worker, redis_client):
-    """40 queued briefs take far longer than the 2 s requeue delay to drain; 5 lost ones
+    """30 queued briefs take several times the 1 s requeue delay to drain; 4 lost ones
     must come back once each, the queued ones never."""
-    queued, lost = 40, 5
-    env = make_env(tmp_path / "home", models_dir, GENSHOP_REQUEUE_AFTER="2")
+    queued, lost = 30, 4
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_REQUEUE_AFTER="1")
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     subprocess.run([sys.executable, "-c", SUBMIT_BACKLOG, str(queued), str(lost)], env=env, check=True, timeout=120)
     worker = start_worker(env)
@@ -195,17 +214,18 @@ def test_a_backlog_longer_than_the_requeue_delay_never_multiplies(tmp_path, mode
 
 def test_a_duplicate_message_never_runs_a_brief_twice_nor_queues_its_followups_again(
         tmp_path, models_dir, start_worker, redis_client):
+    from celery import Celery
+
     env = make_env(tmp_path / "home", models_dir, GENSHOP_EMBEDDING_MODEL=str(tmp_path / "no-clip-needed"))
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     worker = start_worker(env, concurrency=2, queues=env["GENSHOP_QUEUE"])  # enrich messages stay in Redis
-    submitted = cli_json(["submit", str(write_brief(tmp_path / "b.json", seed=5, **{**SLOW, "steps": 80})), "--json"],
-                         env)
-    brief_id, task_id = submitted["brief_id"], submitted["task_id"]
+    [brief_id] = submit_at_once(env, {**SLOW, "steps": 80})
+    task_id = f"generate-{brief_id}"
     wait_for(lambda: store.get_brief(brief_id).progress.get("step", 0) >= 2, 60, what="the brief to run")
+    sender = Celery(broker=env["GENSHOP_BROKER_URL"])
 
     def duplicate() -> None:  # what a sweep or a Redis restore used to add: the same task again
-        subprocess.run([sys.executable, "-c", f"from workers.app import enqueue_generation; "
-                        f"enqueue_generation({brief_id!r})"], env=env, check=True, timeout=60)
+        sender.send_task("genshop.generate_brief", args=[brief_id], task_id=task_id, queue=env["GENSHOP_QUEUE"])
 
     def deliveries() -> int:
         return worker.log.read_text().count(f"[{task_id}] succeeded")
