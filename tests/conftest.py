@@ -193,7 +193,7 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
-def pool_pids(worker: "WorkerProcess") -> set[int]:
+def pool_pids(worker: WorkerProcess) -> set[int]:
     """The prefork pool processes of a ``genshop worker``: children of the Celery main
     process, which is the child of the supervising ``genshop worker`` process."""
     return {pid for main in child_pids(worker.proc.pid) for pid in child_pids(main)}

@@ -1,4 +1,6 @@
-"""Faults and load: a worker killed mid-brief, 1,000 briefs through 2 processes with a Redis restart."""
+"""Faults and load: a worker killed mid-brief, 1,000 briefs through 2 processes with a Redis restart, pool
+processes killed, a backlog longer than the requeue delay, duplicate messages, a database down at worker start,
+a disk full mid-brief."""
 
 from __future__ import annotations
 

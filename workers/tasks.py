@@ -16,8 +16,8 @@ import threading
 import time
 
 import torch
-from celery import signals
 from billiard.exceptions import WorkerLostError
+from celery import signals
 from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.utils.log import get_logger
 from celery.worker.request import Request
@@ -94,6 +94,7 @@ def _load_models_in_child(**_kwargs) -> None:
     (Celery waits ``GENSHOP_PROCESS_START_TIMEOUT`` for this before it kills the process.)"""
     if _main is not None:  # the main process's engine, inherited by fork: never use its connections here
         _main.engine.dispose(close=False)
+    started = time.monotonic()
     settings = get_settings()
     worker_store()
     if settings.queue in consumed_queues():
@@ -102,6 +103,7 @@ def _load_models_in_child(**_kwargs) -> None:
         worker_scorer()
     if settings.enrich_queue in consumed_queues() and settings.embedding_model:
         worker_enricher()
+    logger.info("pool process %d loaded its models in %.1fs", os.getpid(), time.monotonic() - started)
 
 
 _main: Store | None = None
