@@ -127,6 +127,7 @@ def test_1000_briefs_through_2_processes_survive_a_redis_restart(tmp_path, model
 # -- the pool, the requeue sweep, write errors (issue 17) ------------------------------------
 
 SLOW = {"variants": 4, "steps": 40, "width": 128, "height": 128}  # a second or more of denoising
+QUICK = {"variants": 2, "steps": 30, "width": 64, "height": 64}  # a fraction of a second
 
 SUBMIT = """
 import json, sys
@@ -160,8 +161,11 @@ def test_a_killed_idle_pool_process_is_replaced_and_the_pool_stays_full(tmp_path
     os.kill(victim, signal.SIGKILL)
     replaced = wait_for(lambda: len(p := pool_pids(worker)) == 2 and victim not in p and p, 30, 0.1,
                         what="the pool to be full again")
-    # both processes take work at once: the replacement finished loading and reported UP
-    brief_ids = submit_at_once(env, SLOW, SLOW)
+    [new] = replaced - pool
+    wait_for(lambda: f"pool process {new} loaded its models" in worker.log.read_text(), 60, 0.2,
+             what="the replacement to load its models")
+    # both processes take work at once: the replacement reported UP and was kept
+    brief_ids = submit_at_once(env, QUICK, QUICK)
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     wait_for(lambda: all(store.get_brief(b).status == "succeeded" for b in brief_ids), 120, 0.2, what="both briefs")
     assert "Timed out waiting for UP" not in worker.log.read_text()
@@ -221,7 +225,7 @@ def test_a_duplicate_message_never_runs_a_brief_twice_nor_queues_its_followups_a
     env = make_env(tmp_path / "home", models_dir, GENSHOP_EMBEDDING_MODEL=str(tmp_path / "no-clip-needed"))
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     worker = start_worker(env, concurrency=2, queues=env["GENSHOP_QUEUE"])  # enrich messages stay in Redis
-    [brief_id] = submit_at_once(env, {**SLOW, "steps": 80})
+    [brief_id] = submit_at_once(env, SLOW)
     task_id = f"generate-{brief_id}"
     wait_for(lambda: store.get_brief(brief_id).progress.get("step", 0) >= 2, 60, what="the brief to run")
     sender = Celery(broker=env["GENSHOP_BROKER_URL"])
@@ -240,7 +244,7 @@ def test_a_duplicate_message_never_runs_a_brief_twice_nor_queues_its_followups_a
     duplicate()  # a redelivered message of a finished brief
     wait_for(lambda: deliveries() >= 3, 60, 0.1, what="the late duplicate to be handled")
     record = store.get_brief(brief_id)
-    assert (record.status, record.attempts, len(store.list_items(brief_id))) == ("succeeded", 1, 4)
+    assert (record.status, record.attempts, len(store.list_items(brief_id))) == ("succeeded", 1, SLOW["variants"])
     assert redis_client.llen(env["GENSHOP_ENRICH_QUEUE"]) == 1  # enrich queued once, not once per delivery
 
 
