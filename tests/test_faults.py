@@ -233,11 +233,13 @@ def test_a_duplicate_message_never_runs_a_brief_twice_nor_queues_its_followups_a
     def duplicate() -> None:  # what a sweep or a Redis restore used to add: the same task again
         sender.send_task("genshop.generate_brief", args=[brief_id], task_id=task_id, queue=env["GENSHOP_QUEUE"])
 
-    def deliveries() -> int:
-        return worker.log.read_text().count(f"[{task_id}] succeeded")
+    def deliveries() -> int:  # handled messages: run (or found finished), or ignored as a duplicate
+        log = worker.log.read_text()
+        return log.count(f"[{task_id}] succeeded") + log.count(f"[{task_id}] ignored")
 
     duplicate()  # delivered to the second, idle process while the first runs the brief
     wait_for(lambda: deliveries() >= 1, 60, 0.1, what="the duplicate to be handled")
+    assert f"[{task_id}] ignored" in worker.log.read_text()
     assert store.get_brief(brief_id).status == "running" and store.get_brief(brief_id).attempts == 1
     wait_for(lambda: store.get_brief(brief_id).status == "succeeded", 120, 0.1, what="the brief")
     wait_for(lambda: deliveries() >= 2, 30, 0.1, what="the first delivery to finish")

@@ -128,7 +128,7 @@ def lease_owner(hostname: str, pid: int) -> str:
 
 class GenerationRequest(Request):
     """The main process's side of a generation task: when the pool process running it dies
-    (SIGKILL, OOM, hard time limit), release the brief's lease *before* Celery requeues the
+    (SIGKILL, OOM), release the brief's lease *before* Celery requeues the
     message, so the redelivery runs the brief at once instead of finding it held by the dead."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
@@ -192,6 +192,8 @@ def generate_brief(self, brief_id: str) -> dict:
     store = worker_store()
     record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts, on_progress,
                        owner=lease_owner(self.request.hostname, os.getpid()), lease_s=settings.lease_timeout)
+    if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
+        raise Ignore()  # acknowledged, and the running delivery's task state is left to it
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
     if record.status == "succeeded":
         result.update(queue_followups(store, record))
