@@ -88,6 +88,30 @@ def consumed_queues() -> set[str]:
     return set(named.split(",") if named else settings.worker_queues)
 
 
+@signals.worker_init.connect
+def _import_model_code_in_main(**_kwargs) -> None:
+    """Import the model *code* (diffusers' pipeline class, transformers' text encoder, the
+    reward and enrich modules) once in the main process, before the pool forks: every pool
+    process, a killed one's replacement too, inherits it and only loads weights (well under
+    a second on tiny-random, not the 5 s to 40 s that importing diffusers takes on a busy CPU).
+    No weights, no CUDA state: that stays in ``worker_process_init``, after the fork."""
+    settings = get_settings()
+    try:
+        if settings.queue in consumed_queues():
+            import diffusers
+            from transformers import CLIPTextModel  # noqa: F401
+
+            from genshop.presets import load_preset
+
+            getattr(diffusers, load_preset(settings.preset).pipeline_class)
+        if settings.score_queue in consumed_queues() and settings.reward_model:
+            import reward.brief_scoring  # noqa: F401
+        if settings.enrich_queue in consumed_queues() and settings.embedding_model:
+            import genshop.enrichment  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: each pool process imports (and reports) what it needs
+        logger.exception("could not import the model code ahead of the pool")
+
+
 @signals.worker_process_init.connect
 def _load_models_in_child(**_kwargs) -> None:
     """Load what this worker's queues need: a scoring-only worker never loads the diffusion pipeline.
