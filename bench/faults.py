@@ -145,7 +145,7 @@ def broker_lengths(client, queue: str) -> tuple[int, int]:
         return -1, -1
 
 
-LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^\]]+\] (?:pool process (\d+) loaded its "
+LOG_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^\]]+\] (?:pool process (\d+) loaded its "
                       r"models|Process '[^']+' pid:(\d+) exited)", re.MULTILINE)
 
 
