@@ -46,6 +46,8 @@ def png_bytes(image: Image.Image) -> tuple[bytes, str]:
 
 
 def _write_file_atomically(target: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``target`` and rename it into place; a failed write
+    (disk full) removes its ``.tmp``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     try:
@@ -61,7 +63,9 @@ class ImageStore(Protocol):
     url: str
 
     def put(self, image: Image.Image) -> tuple[str, str]: ...
+    def put_new(self, image: Image.Image) -> tuple[str, str, bool]: ...
     def put_bytes(self, data: bytes) -> tuple[str, str]: ...
+    def remove(self, key: str) -> None: ...
     def read(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def path(self, key: str) -> Path: ...
@@ -75,16 +79,30 @@ class LocalImageStore:
         self.url = self.root.resolve().as_uri()
 
     def put(self, image: Image.Image) -> tuple[str, str]:
+        digest, relative, _ = self.put_new(image)
+        return digest, relative
+
+    def put_new(self, image: Image.Image) -> tuple[str, str, bool]:
+        """``put``, also saying whether this call created the file (so a failed batch can
+        remove exactly what it added)."""
         data, _ = png_bytes(image)
-        return self.put_bytes(data)
+        return self._put(data)
 
     def put_bytes(self, data: bytes) -> tuple[str, str]:
+        digest, relative, _ = self._put(data)
+        return digest, relative
+
+    def _put(self, data: bytes) -> tuple[str, str, bool]:
         digest = hashlib.sha256(data).hexdigest()
         relative = image_key(digest)
         target = self.root / relative
-        if not target.exists():
-            _write_file_atomically(target, data)
-        return digest, relative
+        if target.exists():
+            return digest, relative, False
+        _write_file_atomically(target, data)
+        return digest, relative, True
+
+    def remove(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
@@ -119,6 +137,20 @@ class S3ImageStore:
     def put(self, image: Image.Image) -> tuple[str, str]:
         data, _ = png_bytes(image)
         return self.put_bytes(data)
+
+    def put_new(self, image: Image.Image) -> tuple[str, str, bool]:
+        """``put``, also saying whether the object was new (asked first: one HEAD request)."""
+        data, digest = png_bytes(image)
+        key = image_key(digest)
+        if self.exists(key):
+            _write_file_atomically(self.cache / key, data)
+            return digest, key, False
+        self.put_bytes(data)
+        return digest, key, True
+
+    def remove(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+        (self.cache / key).unlink(missing_ok=True)
 
     def put_bytes(self, data: bytes) -> tuple[str, str]:
         digest = hashlib.sha256(data).hexdigest()
