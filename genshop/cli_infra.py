@@ -58,6 +58,17 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"{where}: {before or 'empty'} -> {after}" if before != after else f"{where}: already at {after}")
 
 
+@db_group.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Downgrade the database to REVISION (e.g. 0002; 'base' drops everything)."""
+    from genshop.db import describe_url, downgrade
+    from genshop.settings import get_settings
+
+    before, after = downgrade(_engine(), revision)
+    click.echo(f"{describe_url(get_settings().database_url)}: {before or 'empty'} -> {after or 'empty'}")
+
+
 @db_group.command("current")
 def db_current() -> None:
     """The database's revision, and whether it is the newest this genshop knows."""

@@ -128,6 +128,15 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Upgrade the database to ``revision``; returns (revision before, revision after)."""
+    return _migrate(engine, revision, downgrade=False)
+
+
+def downgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
+    """Downgrade the database to ``revision`` (``base``: no schema); returns (before, after)."""
+    return _migrate(engine, revision, downgrade=True)
+
+
+def _migrate(engine: Engine, revision: str, downgrade: bool) -> tuple[str | None, str]:
     from alembic import command
 
     with _migration_lock(engine) as connection:
@@ -140,7 +149,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
         with connection.begin():
             if before == FIRST_REVISION and not _has_version_table(connection):
                 command.stamp(config, FIRST_REVISION)  # made by create_all before migrations
-            command.upgrade(config, revision)
+            (command.downgrade if downgrade else command.upgrade)(config, revision)
         after = current_revision(connection)
         connection.rollback()
         return before, after

@@ -68,7 +68,7 @@ def test_a_database_from_before_migrations_upgrades_and_keeps_its_owners(databas
     assert store.designer_of("a" * 32) == "alice" and store.designer_of("c" * 32) is None
     assert [b.id for b in store.list_briefs(designer="alice")] == ["a" * 32]
     assert store.get_brief("a" * 32, designer="alice").title == "Red kurta"
-    db.upgrade(engine, "0002")  # and back down: the owners go back to their table
+    db.downgrade(engine, "0002")  # and back down: the owners go back to their table
     with engine.connect() as connection:
         assert connection.execute(text("SELECT brief_id, designer FROM brief_designers")).all() == [("a" * 32, "alice")]
     db.upgrade(engine)
