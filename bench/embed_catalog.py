@@ -4,7 +4,7 @@ Embeds every product image of the catalog parquet files with a CLIP folder (defa
 bundle's, the one ``genshop catalog import`` uses) and writes a float32 ``(rows, dim)`` .npy
 of unit vectors, in file order.
 
-    python bench/embed_catalog.py OUT.npy [--data /work/shared/data/fashion-products/*.parquet] [--model DIR]
+    python bench/embed_catalog.py OUT.npy [--data /work/shared/data/fashion-products/*.parquet] [--model DIR] [--limit N]
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=sorted(glob.glob(DEFAULT_DATA)))
     parser.add_argument("--model", type=Path, default=BUNDLE_DIR / "clip")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--limit", type=int, default=None, help="the first LIMIT rows only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     frame = read_catalog(args.data)
+    if args.limit is not None:
+        frame = frame.iloc[:args.limit]
     embedder = load_embedder(EmbeddingConfig.for_directory(args.model, device="cpu"))
     started = time.perf_counter()
     vectors = embed_catalog_images(embedder, frame, lambda done, total: print(f"\r{done:,}/{total:,}", end="",
