@@ -148,11 +148,26 @@ def _migrate(engine: Engine, revision: str, downgrade: bool) -> tuple[str | None
         config = alembic_config(connection)
         with connection.begin():
             if before == FIRST_REVISION and not _has_version_table(connection):
+                _complete_first_revision(connection)
                 command.stamp(config, FIRST_REVISION)  # made by create_all before migrations
             (command.downgrade if downgrade else command.upgrade)(config, revision)
         after = current_revision(connection)
         connection.rollback()
         return before, after
+
+
+UNCHANGED_SINCE_FIRST = ("items", "scores", "catalog_products", "understandings", "experiments", "ab_results")
+
+
+def _complete_first_revision(connection: Connection) -> None:
+    """A database made by an older ``create_all`` may lack tables added later (before migrations):
+    make those of revision 1 whose models have not changed since, so the stamp tells the truth."""
+    from genshop.store import Base
+
+    existing = set(inspect(connection).get_table_names())
+    missing = [Base.metadata.tables[name] for name in UNCHANGED_SINCE_FIRST if name not in existing]
+    if missing:
+        Base.metadata.create_all(connection, tables=missing)
 
 
 def _has_version_table(connection: Connection) -> bool:

@@ -115,3 +115,18 @@ def test_db_commands_and_the_refusal_at_start(tmp_path, models_dir):
     assert upgraded.returncode == 0 and f"0001 -> {db.head_revision()}" in upgraded.stdout
     assert invoke_cli(["db", "current"], env).stdout.strip() == f"{db.head_revision()} (head)"
     assert "already at" in invoke_cli(["db", "upgrade"], env).stdout
+
+
+def test_a_database_older_than_the_api_and_the_catalog_upgrades_too(tmp_path):
+    """Made by a create_all that had neither brief_designers nor the catalog and experiment tables."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    pre_migration_database(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for table in ("brief_designers", "ab_results", "experiments", "understandings", "catalog_products"):
+            connection.execute(text(f"DROP TABLE {table}"))
+    store = Store(url, tmp_path / "home")
+    assert db.database_revision(engine) == db.head_revision() and schema_differences(engine) == []
+    assert store.designer_of("a" * 32) is None and store.list_catalog_products() == []
+    engine.dispose()
+    store.engine.dispose()

@@ -25,6 +25,8 @@ def upgrade() -> None:
     # foreign keys on that would cascade to its items.
     op.add_column("briefs", sa.Column("designer", sa.String(length=64), nullable=True))
     op.create_index("ix_briefs_designer", "briefs", ["designer"], unique=False)
+    if not sa.inspect(op.get_bind()).has_table("brief_designers"):  # last opened by a genshop older than the API
+        return
     op.execute("UPDATE briefs SET designer = (SELECT d.designer FROM brief_designers d WHERE d.brief_id = briefs.id)")
     op.drop_index("ix_brief_designers_designer", table_name="brief_designers")
     op.drop_table("brief_designers")
