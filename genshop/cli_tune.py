@@ -34,7 +34,9 @@ from genshop.cli_train import _progress_bar, stage_progress
 @click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="guard: hold this many briefs out; keep the adapter of the round their reward was best after")
+              help="guard: hold this many briefs out; keep the adapter their reward was best with (early stopping)")
+@click.option("--validate-every", type=click.IntRange(min=1), default=None,
+              help="with --validation-briefs: validate every this many steps (default: each round's end)")
 @click.option("--inference-steps", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)

@@ -70,6 +70,8 @@ class TuneConfig(BaseModel):
                                    "split) are not tuned on; after each round their mean reward over fixed seeds "
                                    "is measured and the adapter of the best round is the one saved")
     validation_variants: int = Field(default=4, ge=1)
+    validate_every: int | None = Field(default=None, ge=1, description="validation every this many steps "
+                                       "(default: at the end of each round)")
     candidates: int = Field(default=4, ge=2, description="K images sampled per brief and round")
     rounds: int = Field(default=1, ge=1)
     steps_per_round: int = Field(default=100, ge=1)
@@ -361,6 +363,10 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             append_log(log, {"event": "rankings", "round": round_index, "step": step, "rankings": len(rankings),
                              "mean_reward_best": float(np.mean([r.rewards[0] for r in rankings])),
                              "mean_reward": float(np.mean([np.mean(r.rewards) for r in rankings]))})
+        if validation:  # rankings sampled by a run without this split (shared round files) leave its briefs out
+            held_out = {build_prompt(b) for b in validation}
+            keep = [i for i, r in enumerate(rankings) if r.prompt not in held_out]
+            rankings, latents = [rankings[i] for i in keep], latents[torch.tensor(keep)]
         if config.min_margin > 0 and not config.preferences:  # the file keeps them all; the filter is the config's
             keep = [i for i, r in enumerate(rankings) if r.rewards[0] - r.rewards[-1] >= config.min_margin]
             if not keep:
@@ -397,17 +403,20 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             append_log(log, metrics)
             if progress:
                 progress("tune", step, total, metrics)
-            if step % config.checkpoint_every == 0 or step == round_end:
+            validate = bool(validation) and (step == round_end or (config.validate_every is not None
+                                                                   and step % config.validate_every == 0))
+            if step % config.checkpoint_every == 0 or step == round_end or validate:
                 save_training_state(state_dir, lora, optimizer, step)
-        if validation and not any(r.get("event") == "validation" and r["step"] == step for r in read_log(log)):
-            value = validation_reward(family, pipeline, validation, config.group, scorer, config.validation_variants,
-                                      text_length)
-            append_log(log, {"event": "validation", "round": round_index, "step": step, "mean_reward": value})
-            best = max((r for r in read_log(log) if r.get("event") == "validation"), key=lambda r: r["mean_reward"])
-            if best["step"] == step:
-                save_group_adapter(denoiser, config.group, out / "best-adapter", family=family)
-                save_file({k: v.detach().contiguous() for k, v in lora.state_dict().items()},
-                          str(out / "best-lora.safetensors"))
+            if validate:
+                value = validation_reward(family, pipeline, validation, config.group, scorer,
+                                          config.validation_variants, text_length)
+                append_log(log, {"event": "validation", "round": round_index, "step": step, "mean_reward": value})
+                best = max((r for r in read_log(log) if r.get("event") == "validation"),
+                           key=lambda r: r["mean_reward"])
+                if best["step"] == step:
+                    save_group_adapter(denoiser, config.group, out / "best-adapter", family=family)
+                    save_file({k: v.detach().contiguous() for k, v in lora.state_dict().items()},
+                              str(out / "best-lora.safetensors"))
 
     adapter = out / "adapter"
     saved_steps = step
