@@ -39,7 +39,7 @@ def main() -> None:
     pipe, defaults = loaded.pipeline, loaded.preset.defaults
     steps = args.steps or defaults.steps
     model, embedder = load_scorer(args.reward or BUNDLE_DIR / "reward")
-    prompt = "Men Black Leather Wallet"
+    prompt = "Men Black Leather Wallet"  # build_prompt of the brief below is the title itself
     total = args.n * args.variants
 
     def generate(seeds: list[int]):
@@ -53,12 +53,18 @@ def main() -> None:
                                                                                                      args.n)
         return rewards.argmax(axis=1).tolist()
 
-    seeds = list(range(total))
+    from genshop.briefs import parse_brief, resolve_brief
+    from genshop.generation import candidate_seed, generate_batch, reward_scorer
+
+    brief = resolve_brief(parse_brief({"title": prompt, "variants": args.variants, "best_of": args.n, "seed": 0,
+                                       "steps": steps, "groups": ["A"]}), loaded.preset)
+    seeds = [candidate_seed(0, v, c) for v in range(args.variants) for c in range(args.n)]
+    scorer = reward_scorer(args.reward or BUNDLE_DIR / "reward")
     generate(seeds[:2])  # warm-up
     timings = {}
     started = time.perf_counter()
-    batched = pick(generate(seeds))
-    timings["batched: one call of variants x N"] = time.perf_counter() - started
+    batched = [g.best_of["kept"] for g in generate_batch(loaded, brief, list(range(args.variants)), scorer=scorer)]
+    timings["batched: one call of variants x N (generate_batch)"] = time.perf_counter() - started
     started = time.perf_counter()
     single = pick([image for s in seeds for image in generate([s])])
     timings["one candidate per call"] = time.perf_counter() - started
