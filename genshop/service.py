@@ -7,7 +7,10 @@ passes its own progress callback.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from pydantic import BaseModel
@@ -83,6 +86,67 @@ def enqueue_brief(store: Store, brief_id: str, enqueue: Callable[[str], str]) ->
     return store.get_brief(brief_id)
 
 
+class _Heartbeat:
+    """Renews a brief's lease every ``interval_s`` from a daemon thread while the brief runs
+    (a denoising step, an adapter switch or a batch's PNGs may take longer than the lease).
+    ``lost`` turns true if another delivery took the lease over: this one must stop."""
+
+    def __init__(self, store: Store, brief_id: str, owner: str, interval_s: float):
+        self.store, self.brief_id, self.owner, self.interval_s = store, brief_id, owner, interval_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{brief_id[:8]}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.renew_lease(self.brief_id, self.owner):
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 - a database blip: the next beat tries again, the lease has slack
+                pass
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_id: str, revision: str) -> set[int]:
+    """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored.
+
+    If anything fails (disk full, database error), the PNGs this call created and no row
+    refers to are removed again, so a failed write leaves no orphan files (and ``put`` leaves
+    no ``.tmp``); a redelivery regenerates the batch with the same seeds."""
+    created: list[tuple[str, str]] = []
+    try:
+        new_items = []
+        for generated in images:
+            sha, path, is_new = store.images.put_new(generated.image)
+            if is_new:
+                created.append((sha, path))
+            new_items.append(NewItem(
+                brief_id=brief_id, variant=generated.variant, prompt=generated.prompt,
+                negative_prompt=generated.negative_prompt, seed=generated.seed, steps=brief.steps,
+                guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
+                model_id=model_id, model_revision=revision, image_sha256=sha, image_path=path,
+                timings=generated.timings,
+            ))
+        store.add_items(new_items)
+    except BaseException:
+        for sha, path in created:
+            try:
+                if not store.image_in_use(sha):
+                    store.images.remove(path)
+            except Exception:  # noqa: BLE001 - best effort; the original error is the one to report
+                pass
+        raise
+    return {item.variant for item in new_items}
+
+
 def run_brief(
     store: Store,
     brief_id: str,
@@ -90,20 +154,44 @@ def run_brief(
     max_attempts: int,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 0.25,
+    owner: str | None = None,
+    lease_s: float = 60.0,
 ) -> BriefRecord:
     """Generate every variant the brief still lacks, then mark it finished.
 
     Progress goes to the store, and to ``on_progress``, at most every
     ``progress_interval_s`` and after every batch.
 
+    One delivery at a time: the run first takes the brief's lease as ``owner`` (a unique
+    name of this delivery's process) and renews it every ``lease_s / 4`` seconds. A delivery
+    that finds the lease held by a live run returns the brief as it is, without running it;
+    the holder finishes it, or, if the holder dies, the lease lapses (or the worker's main
+    process releases it) and the brief's own redelivered message, or the requeue sweep,
+    brings it back.
+
     Idempotent per brief and variant: variants already stored are skipped and inserts
     of existing (brief, variant) pairs are ignored, so a redelivered task completes the
     brief without duplicates. Cancellation is checked at every denoising step.
     """
-    record = store.start_attempt(brief_id, max_attempts)
-    if record.status != "running":
-        return record
-    brief = record.brief
+    owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not store.acquire_lease(brief_id, owner, lease_s):
+        return store.get_brief(brief_id)
+    try:
+        record = store.start_attempt(brief_id, max_attempts)
+        if record.status != "running":
+            return record
+        with _Heartbeat(store, brief_id, owner, max(0.5, lease_s / 4)) as heartbeat:
+            return _generate_missing(store, record, loaded, on_progress, progress_interval_s, heartbeat)
+    finally:
+        try:
+            store.release_lease(brief_id, owner)
+        except Exception:  # noqa: BLE001 - the lease lapses by itself; the run's own outcome is what counts
+            pass
+
+
+def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline, on_progress: ProgressCallback | None,
+                      progress_interval_s: float, heartbeat: _Heartbeat) -> BriefRecord:
+    brief_id, brief = record.id, record.brief
     batches = plan_batches(brief, loaded.preset.defaults.batch_size, frozenset(loaded.adapters))
     done = store.existing_variants(brief_id)
     last_write = time.monotonic()  # the first progress report comes progress_interval_s in, or at a batch's end
@@ -128,24 +216,15 @@ def run_brief(
                 report(Progress(variants_done=len(done), variants_total=brief.variants, step=step, steps=steps,
                                 batch=index + 1, batches=len(batches)))
 
-            images = generate_batch(loaded, brief, variants, lambda: store.is_cancel_requested(brief_id), on_step)
-            new_items = []
-            for generated in images:
-                if generated.variant in done:
-                    continue
-                sha, path = store.images.put(generated.image)
-                new_items.append(NewItem(
-                    brief_id=brief_id, variant=generated.variant, prompt=generated.prompt,
-                    negative_prompt=generated.negative_prompt, seed=generated.seed, steps=brief.steps,
-                    guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
-                    model_id=model_id, model_revision=revision, image_sha256=sha, image_path=path,
-                    timings=generated.timings,
-                ))
-            store.add_items(new_items)
-            done |= {item.variant for item in new_items}
+            images = generate_batch(loaded, brief, variants,
+                                    lambda: heartbeat.lost or store.is_cancel_requested(brief_id), on_step)
+            done |= _store_batch(store, [g for g in images if g.variant not in done], brief, brief_id, model_id,
+                                 revision)
             report(Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,
                             steps=brief.steps, batch=index + 1, batches=len(batches)), force=True)
     except GenerationCancelled:
+        if heartbeat.lost:  # another delivery took the brief over: it finishes it, not this one
+            return store.get_brief(brief_id)
         return store.finish(brief_id, "cancelled")
     except Exception as exc:
         store.finish(brief_id, "failed", f"{type(exc).__name__}: {exc}")
@@ -153,20 +232,42 @@ def run_brief(
     return store.finish(brief_id, "succeeded")
 
 
-def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: float) -> list[str]:
-    """Put unfinished briefs untouched for ``older_than_s`` back on the queue.
+def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: float,
+                  in_broker: Callable[[list[str]], set[str]] | None = None,
+                  lease_s: float | None = None, recheck_s: float = 2.0) -> list[str]:
+    """Put unfinished briefs whose queue message is truly lost back on the queue.
 
     The database, not the broker, is the record of what must be done: a Redis restart
     can drop a message that a worker had popped but not yet recorded as unacknowledged.
-    A requeued brief that is in fact still queued runs once and its duplicate message
-    finds it finished, so a sweep can only add work, never lose or repeat it.
+
+    The invariant: a brief has at most one generation message, plus at most one for each
+    time its message was lost. So a brief is requeued only if it is unfinished, untouched
+    and not enqueued for ``older_than_s``, no live delivery holds its lease (``lease_s``,
+    default ``older_than_s``), and ``in_broker`` (given the candidates, it returns those
+    whose message the broker still holds, waiting in the queue or reserved by a worker)
+    does not name it, twice, ``recheck_s`` apart: a message is briefly in neither the queue
+    nor the unacknowledged set while a worker takes it (popped, not yet recorded) or Redis
+    restores it, and a loaded machine can stretch that moment; by the second look it is in
+    one of them again, or its brief has been started or finished (which the claim's
+    compare-and-set sees). A backlog that takes longer than ``older_than_s`` to drain is
+    therefore left alone, however long it is. Without ``in_broker`` every stale brief is
+    requeued (a duplicate message finds the brief finished, or its lease held).
     """
     from datetime import timedelta
 
     from genshop.store import utcnow
 
+    now = utcnow()
+    lease_cutoff = now - timedelta(seconds=older_than_s if lease_s is None else lease_s)
+    stale = store.stale_briefs(now - timedelta(seconds=older_than_s), lease_cutoff)
+    if stale and in_broker is not None:
+        for look in range(2):
+            if look:
+                time.sleep(recheck_s)
+            held = in_broker(stale) if stale else set()
+            stale = [brief_id for brief_id in stale if brief_id not in held]
     requeued = []
-    for record in store.claim_stale(utcnow() - timedelta(seconds=older_than_s)):
+    for record in store.claim_stale(now - timedelta(seconds=older_than_s), stale):
         store.mark_enqueued(record.id, enqueue(record.id))
         requeued.append(record.id)
     return requeued

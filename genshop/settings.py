@@ -51,6 +51,10 @@ class Settings(BaseModel):
     visibility_timeout: int = Field(description="GENSHOP_VISIBILITY_TIMEOUT: seconds before an unacked task is redelivered")
     max_attempts: int = Field(description="GENSHOP_MAX_ATTEMPTS: deliveries of one brief before it is failed")
     requeue_after: int = Field(description="GENSHOP_REQUEUE_AFTER: seconds untouched before a worker requeues a brief")
+    lease_timeout: int = Field(description="GENSHOP_LEASE_TIMEOUT: seconds without a heartbeat before a running "
+                                           "brief's lease lapses and another delivery may take it over")
+    process_start_timeout: int = Field(description="GENSHOP_PROCESS_START_TIMEOUT: seconds a new pool process may "
+                                                   "take to load its models before Celery kills it")
     api_tokens: dict[str, SecretStr] = Field(description="designer → API token, from GENSHOP_API_TOKENS_FILE (YAML "
                                                          "mapping) and GENSHOP_API_TOKENS ('alice:TOKEN,bob:TOKEN')")
     api_max_queued: int = Field(description="GENSHOP_API_MAX_QUEUED: queued briefs one designer may have")
@@ -137,6 +141,8 @@ def get_settings() -> Settings:
         visibility_timeout=visibility,
         requeue_after=int(_env("GENSHOP_REQUEUE_AFTER", str(visibility + visibility // 2))),
         max_attempts=int(_env("GENSHOP_MAX_ATTEMPTS", "2")),
+        lease_timeout=int(_env("GENSHOP_LEASE_TIMEOUT", str(max(5, min(60, visibility // 3))))),
+        process_start_timeout=int(_env("GENSHOP_PROCESS_START_TIMEOUT", "300")),
         api_tokens=_api_tokens(),
         api_max_queued=int(_env("GENSHOP_API_MAX_QUEUED", "10")),
         api_max_upload_bytes=int(_env("GENSHOP_API_MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))),

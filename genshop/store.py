@@ -13,7 +13,7 @@ import io
 import os
 import tempfile
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +73,23 @@ class BriefDesignerRow(Base):
 
     brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), primary_key=True)
     designer: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class BriefRunRow(Base):
+    """Who runs a brief now: the lease of one delivery, renewed by its heartbeat.
+
+    A delivery runs a brief only while it holds the lease (``owner`` set, ``heartbeat_at``
+    fresher than the lease timeout), so two deliveries of one brief never run it at once.
+    ``followups_at`` records that the score and enrich tasks were queued for the finished
+    brief, so a redelivered message of a finished brief queues nothing again. A table of its
+    own, not columns of ``briefs``, so databases made before gain it from ``create_all``."""
+
+    __tablename__ = "brief_runs"
+
+    brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    followups_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ItemRow(Base):
@@ -300,19 +317,33 @@ class ImageStore:
         self.root = Path(root)
 
     def put(self, image: Image.Image) -> tuple[str, str]:
+        digest, relative, _ = self.put_new(image)
+        return digest, relative
+
+    def put_new(self, image: Image.Image) -> tuple[str, str, bool]:
+        """``put``, also saying whether this call created the file (so a failed batch can
+        remove exactly what it added). A failed write (disk full) removes its ``.tmp``."""
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         relative = f"images/{digest[:2]}/{digest[2:4]}/{digest}.png"
         target = self.root / relative
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        if target.exists():
+            return digest, relative, False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
-        return digest, relative
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest, relative, True
+
+    def remove(self, relative: str) -> None:
+        (self.root / relative).unlink(missing_ok=True)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -473,15 +504,26 @@ class Store:
     def mark_enqueued(self, brief_id: str, task_id: str) -> None:
         self._update(brief_id, task_id=task_id, enqueued_at=utcnow())
 
-    def claim_stale(self, older_than: datetime) -> list[BriefRecord]:
+    def stale_briefs(self, older_than: datetime, lease_older_than: datetime | None = None) -> list[str]:
+        """Unfinished briefs nobody has touched or enqueued since ``older_than`` and whose
+        lease (if any) has lapsed or was released: no live delivery runs them."""
+        lease_older_than = lease_older_than or older_than
+        live_lease = select(BriefRunRow.brief_id).where(
+            BriefRunRow.brief_id == BriefRow.id, BriefRunRow.owner.is_not(None),
+            BriefRunRow.heartbeat_at >= lease_older_than).exists()
+        with self.sessions() as session:
+            return list(session.scalars(select(BriefRow.id).where(
+                BriefRow.status.in_(("queued", "running")), BriefRow.cancel_requested.is_(False),
+                BriefRow.updated_at < older_than, BriefRow.enqueued_at < older_than, ~live_lease)))
+
+    def claim_stale(self, older_than: datetime, brief_ids: list[str] | None = None) -> list[BriefRecord]:
         """Unfinished briefs nobody has touched since ``older_than`` (their queue message
         was lost, or their worker died and its message with it), re-stamped as enqueued
-        now. The stamp is a compare-and-set, so of several sweepers only one claims each."""
+        now; only those of ``brief_ids`` when given (``stale_briefs`` less the ones whose
+        message the broker still holds). The stamp is a compare-and-set, so of several
+        sweepers only one claims each."""
         claimed = []
-        with self.sessions.begin() as session:
-            candidates = session.scalars(select(BriefRow.id).where(
-                BriefRow.status.in_(("queued", "running")), BriefRow.cancel_requested.is_(False),
-                BriefRow.updated_at < older_than, BriefRow.enqueued_at < older_than)).all()
+        candidates = self.stale_briefs(older_than) if brief_ids is None else brief_ids
         for brief_id in candidates:
             with self.sessions.begin() as session:
                 result = session.execute(update(BriefRow).where(
@@ -512,6 +554,54 @@ class Store:
                 row.status, row.error = "running", None
                 row.started_at = row.started_at or utcnow()
             return _to_record(row)
+
+    # -- leases: one running delivery per brief -------------------------------------------
+    def acquire_lease(self, brief_id: str, owner: str, lease_s: float) -> bool:
+        """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
+        or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
+        racing for a brief exactly one wins. True when ``owner`` holds it now."""
+        self.get_brief(brief_id)  # an unknown brief raises UnknownBriefError, not a foreign-key error
+        now = utcnow()
+        lapsed = now - timedelta(seconds=lease_s)
+        statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
+                     .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
+                                            where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
+                                            | (BriefRunRow.heartbeat_at < lapsed))
+                     .returning(BriefRunRow.owner))
+        with self.sessions.begin() as session:
+            return session.execute(statement).scalar() == owner
+
+    def renew_lease(self, brief_id: str, owner: str) -> bool:
+        """The holder's heartbeat. False when ``owner`` no longer holds the lease."""
+        with self.sessions.begin() as session:
+            result = session.execute(update(BriefRunRow).where(
+                BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(heartbeat_at=utcnow()))
+            return result.rowcount == 1
+
+    def release_lease(self, brief_id: str, owner: str) -> bool:
+        """Give the lease up (the run ended, or its process died and the worker's main
+        process says so): the next delivery may take the brief at once."""
+        with self.sessions.begin() as session:
+            result = session.execute(update(BriefRunRow).where(
+                BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(owner=None))
+            return result.rowcount == 1
+
+    def lease_owner(self, brief_id: str) -> str | None:
+        with self.sessions() as session:
+            return session.scalar(select(BriefRunRow.owner).where(BriefRunRow.brief_id == brief_id))
+
+    def followups_queued(self, brief_id: str) -> bool:
+        with self.sessions() as session:
+            return session.scalar(select(BriefRunRow.followups_at).where(BriefRunRow.brief_id == brief_id)) is not None
+
+    def mark_followups_queued(self, brief_id: str) -> None:
+        """Record that the finished brief's score and enrich tasks were sent."""
+        now = utcnow()
+        statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=None, heartbeat_at=now,
+                                                        followups_at=now)
+                     .on_conflict_do_update(index_elements=["brief_id"], set_={"followups_at": now}))
+        with self.sessions.begin() as session:
+            session.execute(statement)
 
     def update_progress(self, brief_id: str, progress: dict[str, Any]) -> None:
         self._update(brief_id, progress=progress)
@@ -678,6 +768,13 @@ class Store:
         else:
             from sqlalchemy.dialects.sqlite import insert
         return insert
+
+    def image_in_use(self, sha256: str) -> bool:
+        """Whether any item or catalog product refers to the image with this digest."""
+        with self.sessions() as session:
+            return bool(session.scalar(select(ItemRow.id).where(ItemRow.image_sha256 == sha256).limit(1))
+                        or session.scalar(select(CatalogProductRow.id).where(
+                            CatalogProductRow.image_sha256 == sha256).limit(1)))
 
     def count_items(self) -> int:
         with self.sessions() as session:

@@ -208,10 +208,11 @@ def write_brief(path: Path, **fields) -> Path:
 class WorkerProcess:
     """``genshop worker`` in its own process group, with its log in a file."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 1, name: str | None = None):
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 1, name: str | None = None,
+                 queues: str | None = None):
         self.log = log
         args = [sys.executable, "-m", "genshop.cli", "worker", f"--concurrency={concurrency}", "--loglevel=info",
-                f"--hostname={name or 'w-' + uuid.uuid4().hex[:6]}@%h"]
+                f"--hostname={name or 'w-' + uuid.uuid4().hex[:6]}@%h", *([f"--queues={queues}"] if queues else [])]
         self.proc = subprocess.Popen(args, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -240,12 +241,32 @@ class WorkerProcess:
                 pass
 
 
+def child_pids(pid: int) -> set[int]:
+    """Live (not zombie) child processes of ``pid``, read from /proc."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.add(int(stat.parent.name))
+    return children
+
+
+def pool_pids(worker: WorkerProcess) -> set[int]:
+    """The prefork pool processes of a ``genshop worker``: children of the Celery main
+    process, which is the child of the supervising ``genshop worker`` process."""
+    return {pid for main in child_pids(worker.proc.pid) for pid in child_pids(main)}
+
+
 @pytest.fixture
 def start_worker(tmp_path):
     workers: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], concurrency: int = 1, ready: bool = True) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", concurrency)
+    def start(env: dict[str, str], concurrency: int = 1, ready: bool = True, name: str | None = None,
+              queues: str | None = None) -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", concurrency, name, queues)
         workers.append(worker)
         return worker.wait_ready() if ready else worker
 

@@ -202,3 +202,42 @@ def test_catalog_products_and_understandings_are_kept_once(store):
     assert kept.title == "Men Navy Blue Shirts" and kept.near_duplicate_similarity == pytest.approx(0.97)
     np.testing.assert_array_equal(np.frombuffer(kept.embedding, dtype="<f4"), vector)
     assert len(store.list_understandings([catalog_product_id("15970")])) == 2
+
+
+def test_a_brief_lease_admits_one_delivery_until_released_or_lapsed(store):
+    import time
+
+    record, _ = submit_brief(store, parse_brief({"title": "A"}), "tiny-random")
+    assert store.acquire_lease(record.id, "w1@h:1", lease_s=60)
+    assert not store.acquire_lease(record.id, "w2@h:2", lease_s=60)  # a duplicate delivery is turned away
+    assert store.release_lease(record.id, "w1@h:1")  # the main process saw pid 1 die
+    assert not store.release_lease(record.id, "w1@h:1")
+    assert store.acquire_lease(record.id, "w2@h:2", lease_s=60)
+    time.sleep(0.3)  # w2's worker was killed whole: nobody releases, the heartbeat stops
+    assert not store.renew_lease(record.id, "w1@h:1")
+    assert store.acquire_lease(record.id, "w3@h:3", lease_s=0.2) and store.lease_owner(record.id) == "w3@h:3"
+    assert not store.renew_lease(record.id, "w2@h:2")  # the old holder learns it lost the brief
+
+
+def test_the_sweep_leaves_briefs_whose_message_the_broker_holds(store):
+    import time
+
+    from genshop.service import requeue_stale
+
+    waiting, _ = submit_brief(store, parse_brief({"title": "waiting in a long queue"}), "tiny-random")
+    lost, _ = submit_brief(store, parse_brief({"title": "lost"}), "tiny-random")
+    running, _ = submit_brief(store, parse_brief({"title": "running, lease held"}), "tiny-random")
+    for record in (waiting, lost, running):
+        store.mark_enqueued(record.id, f"generate-{record.id}")
+    time.sleep(0.3)
+    store.acquire_lease(running.id, "w@h:1", lease_s=60)
+    looks = []
+
+    def in_broker(brief_ids: list[str]) -> set[str]:
+        looks.append(sorted(brief_ids))
+        return {waiting.id} & set(brief_ids)
+
+    sent = []
+    assert requeue_stale(store, lambda b: sent.append(b) or f"generate-{b}", 0.2, in_broker, lease_s=60,
+                         recheck_s=0) == [lost.id] == sent
+    assert looks == [sorted([waiting.id, lost.id]), [lost.id]]  # asked twice, the running brief never

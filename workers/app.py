@@ -12,10 +12,18 @@ Reliability settings, and why:
   (AOF or RDB on shutdown) for queued briefs to survive a Redis restart.
 - soft/hard time limits: the soft one raises inside the task (the brief is failed with
   the error); the hard one kills the process.
+- ``worker_proc_alive_timeout`` (``GENSHOP_PROCESS_START_TIMEOUT``): a new pool process
+  loads its models in ``worker_process_init`` before it reports UP; Celery's 4 s default is
+  shorter than that, so every replacement of a killed process was killed in turn and the
+  pool shrank for good.
 """
 
 from __future__ import annotations
 
+import json
+from functools import cache
+
+import redis
 from celery import Celery
 
 from genshop.settings import get_settings
@@ -41,6 +49,7 @@ def create_app() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        worker_proc_alive_timeout=float(settings.process_start_timeout),
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
         broker_transport_options={
@@ -76,7 +85,7 @@ def check_broker() -> None:
 
 def enqueue_generation(brief_id: str) -> str:
     """Put a stored brief on the generation queue; the task id is derived from the brief."""
-    task_id = f"generate-{brief_id}"
+    task_id = generation_task_id(brief_id)
     app.send_task(GENERATE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().queue)
     return task_id
 
@@ -85,6 +94,41 @@ def enqueue_new_brief(brief_id: str) -> str:
     """``enqueue_generation`` for a brief just submitted: a broker that is down fails at once."""
     check_broker()
     return enqueue_generation(brief_id)
+
+
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: queue "q" at priority p is the list "q\x06\x16p"
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (restored after the visibility timeout)
+
+
+@cache
+def _broker_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def generation_task_ids_in_broker() -> set[str]:
+    """Ids of the generation tasks whose message Redis holds: waiting in the generate queue
+    (any priority) or delivered to a worker and not yet acknowledged. Read in one MULTI, so
+    a message moving from the queue to a worker is seen in one place or the other."""
+    settings = get_settings()
+    keys = [settings.queue] + [f"{settings.queue}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10)]
+    with _broker_client(settings.broker_url).pipeline(transaction=True) as pipe:
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(UNACKED_KEY)
+        *queued, unacked = pipe.execute()
+    messages = [json.loads(raw) for waiting in queued for raw in waiting]
+    messages += [json.loads(raw)[0] for raw in unacked]
+    return {m.get("headers", {}).get("id") for m in messages if isinstance(m, dict)} - {None}
+
+
+def generation_messages(brief_ids: list[str]) -> set[str]:
+    """The briefs among ``brief_ids`` whose generation message the broker still holds."""
+    held = generation_task_ids_in_broker()
+    return {brief_id for brief_id in brief_ids if generation_task_id(brief_id) in held}
+
+
+def generation_task_id(brief_id: str) -> str:
+    return f"generate-{brief_id}"
 
 
 def revoke_task(task_id: str) -> None:

@@ -4,8 +4,9 @@ The diffusion pipeline (for the generate queue), the reward model (for the score
 and the enricher (CLIP, taxonomy, classifier; for the enrich queue) are loaded once per
 worker process, in ``worker_process_init`` (after the prefork pool forked, never in the
 parent), and kept for every task that process runs. A generated brief is queued for
-enrichment (when an embedding model is configured) and, with target groups, for scoring. The parent runs the requeue
-sweep (``genshop.service.requeue_stale``).
+enrichment (when an embedding model is configured) and, with target groups, for scoring,
+once per brief. The parent runs the requeue sweep (``genshop.service.requeue_stale``) and
+releases the lease of a brief whose pool process died (``GenerationRequest``).
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import threading
 import time
 
 import torch
+from billiard.exceptions import WorkerLostError
 from celery import signals
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.utils.log import get_logger
+from celery.worker.request import Request
 
 from genshop.pipelines import LoadedPipeline, load_pipeline
 from genshop.service import Progress, requeue_stale, run_brief
 from genshop.settings import get_settings
-from genshop.store import Store, open_store
+from genshop.store import BriefRecord, Store, open_store
 from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
-                         enqueue_scoring)
+                         enqueue_scoring, generation_messages)
 
 logger = get_logger("genshop.workers")
 
@@ -85,9 +88,37 @@ def consumed_queues() -> set[str]:
     return set(named.split(",") if named else settings.worker_queues)
 
 
+@signals.worker_init.connect
+def _import_model_code_in_main(**_kwargs) -> None:
+    """Import the model *code* (diffusers' pipeline class, transformers' text encoder, the
+    reward and enrich modules) once in the main process, before the pool forks: every pool
+    process, a killed one's replacement too, inherits it and only loads weights (well under
+    a second on tiny-random, not the 5 s to 40 s that importing diffusers takes on a busy CPU).
+    No weights, no CUDA state: that stays in ``worker_process_init``, after the fork."""
+    settings = get_settings()
+    try:
+        if settings.queue in consumed_queues():
+            import diffusers
+            from transformers import CLIPTextModel  # noqa: F401
+
+            from genshop.presets import load_preset
+
+            getattr(diffusers, load_preset(settings.preset).pipeline_class)
+        if settings.score_queue in consumed_queues() and settings.reward_model:
+            import reward.brief_scoring  # noqa: F401
+        if settings.enrich_queue in consumed_queues() and settings.embedding_model:
+            import genshop.enrichment  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: each pool process imports (and reports) what it needs
+        logger.exception("could not import the model code ahead of the pool")
+
+
 @signals.worker_process_init.connect
 def _load_models_in_child(**_kwargs) -> None:
-    """Load what this worker's queues need: a scoring-only worker never loads the diffusion pipeline."""
+    """Load what this worker's queues need: a scoring-only worker never loads the diffusion pipeline.
+    (Celery waits ``GENSHOP_PROCESS_START_TIMEOUT`` for this before it kills the process.)"""
+    if _main is not None:  # the main process's engine, inherited by fork: never use its connections here
+        _main.engine.dispose(close=False)
+    started = time.monotonic()
     settings = get_settings()
     worker_store()
     if settings.queue in consumed_queues():
@@ -96,6 +127,45 @@ def _load_models_in_child(**_kwargs) -> None:
         worker_scorer()
     if settings.enrich_queue in consumed_queues() and settings.embedding_model:
         worker_enricher()
+    logger.info("pool process %d loaded its models in %.1fs", os.getpid(), time.monotonic() - started)
+
+
+_main: Store | None = None
+_main_lock = threading.Lock()
+
+
+def main_store() -> Store:
+    """The store of the worker's main process (the sweeper, lease releases); opened on first
+    use, and again on the next call if opening failed (the database was down)."""
+    global _main
+    with _main_lock:
+        if _main is None:
+            _main = open_store()
+        return _main
+
+
+def lease_owner(hostname: str, pid: int) -> str:
+    """The name a pool process holds a brief's lease under: the node and the process id,
+    known both to the process and to the worker's main process that sees it die."""
+    return f"{hostname}:{pid}"
+
+
+class GenerationRequest(Request):
+    """The main process's side of a generation task: when the pool process running it dies
+    (SIGKILL, OOM), release the brief's lease *before* Celery requeues the
+    message, so the redelivery runs the brief at once instead of finding it held by the dead."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
+        if isinstance(exc, (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)) and self.worker_pid:
+            brief_id = (self.args or [None])[0]
+            try:
+                if brief_id and main_store().release_lease(brief_id, lease_owner(self.hostname, self.worker_pid)):
+                    logger.warning("brief %s: pool process %s died running it (%s); lease released",
+                                   brief_id, self.worker_pid, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - the lease lapses by itself; the redelivery or the sweep takes it then
+                logger.exception("could not release the lease of brief %s", brief_id)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 @signals.worker_ready.connect
@@ -105,11 +175,11 @@ def _start_requeue_sweeper(**_kwargs) -> None:
     interval = max(1.0, min(60.0, settings.requeue_after / 6))
 
     def sweep_forever() -> None:
-        store = open_store()
         while True:
             time.sleep(interval)
-            try:
-                requeued = requeue_stale(store, enqueue_generation, settings.requeue_after)
+            try:  # the store is opened in here too: a database down at worker start must not end the sweeps
+                requeued = requeue_stale(main_store(), enqueue_generation, settings.requeue_after,
+                                         generation_messages, settings.lease_timeout)
                 if requeued:
                     logger.warning("requeued %d stale brief(s): %s", len(requeued), ", ".join(requeued))
             except Exception:  # noqa: BLE001 - a broker or database blip: try again next round
@@ -118,7 +188,23 @@ def _start_requeue_sweeper(**_kwargs) -> None:
     threading.Thread(target=sweep_forever, name="genshop-requeue", daemon=True).start()
 
 
-@app.task(bind=True, name=GENERATE_TASK)
+def queue_followups(store: Store, record: BriefRecord) -> dict:
+    """Queue enrich and score for a succeeded brief, once: a redelivered message of a brief
+    finished before finds them recorded as queued and queues nothing."""
+    settings = get_settings()
+    wanted = bool(settings.embedding_model) or bool(record.brief.groups and settings.reward_model)
+    if not wanted or store.followups_queued(record.id):
+        return {}
+    sent = {}
+    if settings.embedding_model:
+        sent["enrich_task_id"] = enqueue_enrichment(record.id)
+    if record.brief.groups and settings.reward_model:
+        sent["score_task_id"] = enqueue_scoring(record.id)
+    store.mark_followups_queued(record.id)
+    return sent
+
+
+@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest)
 def generate_brief(self, brief_id: str) -> dict:
     def on_progress(progress: Progress) -> None:
         try:  # best effort: the store holds the same progress, and a broker blip must not fail the brief
@@ -127,12 +213,14 @@ def generate_brief(self, brief_id: str) -> dict:
             pass
 
     settings = get_settings()
-    record = run_brief(worker_store(), brief_id, worker_pipeline(), settings.max_attempts, on_progress)
+    store = worker_store()
+    record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts, on_progress,
+                       owner=lease_owner(self.request.hostname, os.getpid()), lease_s=settings.lease_timeout)
+    if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
+        raise Ignore()  # acknowledged, and the running delivery's task state is left to it
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
-    if record.status == "succeeded" and settings.embedding_model:
-        result["enrich_task_id"] = enqueue_enrichment(brief_id)
-    if record.status == "succeeded" and record.brief.groups and settings.reward_model:
-        result["score_task_id"] = enqueue_scoring(brief_id)
+    if record.status == "succeeded":
+        result.update(queue_followups(store, record))
     if record.status == "cancelled":
         self.backend.mark_as_revoked(self.request.id, reason="cancelled by request", request=self.request)
         raise Ignore()
