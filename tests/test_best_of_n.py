@@ -54,3 +54,27 @@ def test_best_of_n_batches_bound_the_candidates_per_call():
     assert plan_batches(brief, 8) == [(None, [0, 1]), (None, [2, 3]), (None, [4])]
     assert plan_batches(parse_brief({"title": "A", "variants": 2, "best_of": 16}), 8) == [(None, [0]), (None, [1])]
     assert plan_batches(parse_brief({"title": "A", "variants": 3}), 8) == [(None, [0, 1, 2])]
+
+
+def test_a_best_of_n_brief_runs_through_the_service_and_its_items_record_the_pick(tmp_path, env, monkeypatch,
+                                                                                   open_clip_dir):
+    from genshop.pipelines import load_pipeline
+    from genshop.service import run_brief, submit_brief
+    from genshop.settings import get_settings
+    from genshop.store import Store
+
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    monkeypatch.setenv("GENSHOP_REWARD_MODEL", str(reward_dir))
+    get_settings.cache_clear()
+    store = Store(f"sqlite:///{tmp_path / 'g.db'}", tmp_path / "files")
+    record, _ = submit_brief(store, parse_brief({"title": "Red kurta", "variants": 2, "best_of": 3, "seed": 7,
+                                                 "steps": 2, "groups": ["A"]}), "tiny-random")
+    finished = run_brief(store, record.id, load_pipeline("tiny-random"), max_attempts=2)
+    items = store.list_items(record.id)
+    assert finished.status == "succeeded" and [i.variant for i in items] == [0, 1]
+    for item in items:
+        scores = [item.timings[f"best_of_score_{c}"] for c in range(3)]
+        kept = int(item.timings["best_of_kept"])
+        assert item.timings["best_of_n"] == 3 and item.timings["best_of_rank"] == 1
+        assert kept == int(np.argmax(scores)) and item.seed == candidate_seed(7, item.variant, kept)
