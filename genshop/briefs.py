@@ -39,6 +39,8 @@ class Brief(BaseModel):
     gender: ShortText | None = None
     groups: list[GroupId] = Field(default_factory=list, max_length=32, description="target customer group ids")
     variants: int = Field(default=4, ge=1, le=64)
+    best_of: int = Field(default=1, ge=1, le=16, description="candidates generated per variant; each variant "
+                         "keeps its target group's top by the reward model (best-of-N serving)")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=150)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)

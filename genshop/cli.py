@@ -36,9 +36,9 @@ class GenshopGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BriefError as exc:
-            stderr.print(f"Error: invalid brief in {exc.source}:", highlight=False, markup=False)
-            for issue in exc.issues:
-                stderr.print(f"  {issue}", highlight=False, markup=False)
+            stderr.print(f"Error: invalid brief in {exc.source}:", highlight=False, markup=False, soft_wrap=True)
+            for issue in exc.issues:  # one line each, however narrow the terminal
+                stderr.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
             raise SystemExit(2) from None
         except (UnknownBriefError, PresetError) as exc:
             raise InvalidInput(str(exc)) from None

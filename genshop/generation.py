@@ -5,6 +5,12 @@ Variants are denoised in fixed batches (``plan_batches``), each variant with its
 on the brief, its index and the model: a resumed brief regenerates exactly the images
 it would have made. A brief's target groups take turns over its variants; a group with
 a LoRA gets its variants from the base pipeline with that adapter switched in. Knows nothing of Celery or the database.
+
+Best-of-N (``brief.best_of`` = N > 1): each variant is drawn from N candidates made in the
+same batched pipeline call as the other variants' (candidate 0 has the variant's usual
+seed, so N = 1 is today's image), scored by the reward model for the variant's target
+group, and the top one kept; the kept image records its rank among the candidates, the
+candidates' seeds and every candidate's score (``GeneratedImage.best_of``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class GeneratedImage:
     prompt: str
     negative_prompt: str
     timings: dict[str, float]
+    best_of: dict | None = None  # {"n", "group", "kept", "rank", "seeds", "scores"} when made by best-of-N
 
 
 StepCallback = Callable[[int, int], None]  # (step finished, total steps)
@@ -53,6 +60,14 @@ def variant_seed(brief_seed: int, variant: int) -> int:
     return (brief_seed + variant) % (MAX_SEED + 1)
 
 
+def candidate_seed(brief_seed: int, variant: int, candidate: int) -> int:
+    """Candidate ``c`` of a variant under best-of-N: candidate 0 is the variant's own seed."""
+    return (brief_seed + variant + 1_000_003 * candidate) % (MAX_SEED + 1)
+
+
+Scorer = Callable[[list[Image.Image], str, "str | None"], list[float]]  # (images, prompt, group) -> rewards
+
+
 def variant_group(brief: Brief, variant: int) -> str | None:
     """The target group a variant is made for: the brief's groups take turns (none: no group)."""
     return brief.groups[variant % len(brief.groups)] if brief.groups else None
@@ -62,7 +77,10 @@ def plan_batches(brief: Brief, batch_size: int, tuned_groups=frozenset()) -> lis
     """Batches of variants, each with the group whose LoRA makes it (None: the base model).
 
     Without tuned groups this is simply consecutive variants in batches of ``batch_size``;
-    with them, variants are batched per adapter so one pipeline call uses one adapter."""
+    with them, variants are batched per adapter so one pipeline call uses one adapter. Under
+    best-of-N a call makes N candidates per variant: ``batch_size`` bounds the candidates
+    (at least one variant per call)."""
+    batch_size = max(1, batch_size // brief.best_of)
     by_adapter: dict[str | None, list[int]] = {}
     for variant in range(brief.variants):
         group = variant_group(brief, variant)
@@ -77,14 +95,19 @@ def generate_batch(
     variants: list[int],
     should_stop: Callable[[], bool] = lambda: False,
     on_step: StepCallback | None = None,
+    scorer: Scorer | None = None,
 ) -> list[GeneratedImage]:
     """Generate the given variants of a resolved brief in one pipeline call, for any model family:
     what differs between families (negative prompt, guidance, T5 length) comes from
-    ``loaded.family.generation_kwargs``."""
+    ``loaded.family.generation_kwargs``. Under best-of-N (``brief.best_of`` > 1) the call
+    makes every variant's candidates and ``scorer`` picks each variant's kept one."""
     pipe = loaded.pipeline
     prompt = build_prompt(brief)
     negative = brief.negative_prompt or ""
-    seeds = [variant_seed(brief.seed, v) for v in variants]
+    n = brief.best_of
+    if n > 1 and scorer is None:
+        raise ValueError(f"a best-of-{n} brief needs a reward model to pick its candidates")
+    seeds = [candidate_seed(brief.seed, v, c) for v in variants for c in range(n)]
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     stopped = False
 
@@ -98,7 +121,7 @@ def generate_batch(
         return callback_kwargs
 
     started = time.perf_counter()
-    family_kwargs = loaded.family.generation_kwargs(pipe, prompt, negative, len(variants), brief.guidance_scale,
+    family_kwargs = loaded.family.generation_kwargs(pipe, prompt, negative, len(seeds), brief.guidance_scale,
                                                     loaded.preset.defaults.max_sequence_length)
     with torch.inference_mode():
         output = pipe(
@@ -111,9 +134,42 @@ def generate_batch(
         )
     if stopped:
         raise GenerationCancelled()
-    per_image = (time.perf_counter() - started) / len(variants)
-    return [
-        GeneratedImage(variant=v, seed=s, image=img, prompt=prompt, negative_prompt=negative,
-                       timings={"generate_s": round(per_image, 6), "batch_size": float(len(variants))})
-        for v, s, img in zip(variants, seeds, output.images)
-    ]
+    generated_s = time.perf_counter() - started
+    if n == 1:
+        per_image = generated_s / len(variants)
+        return [
+            GeneratedImage(variant=v, seed=s, image=img, prompt=prompt, negative_prompt=negative,
+                           timings={"generate_s": round(per_image, 6), "batch_size": float(len(variants))})
+            for v, s, img in zip(variants, seeds, output.images)
+        ]
+    kept = []
+    for i, v in enumerate(variants):
+        candidates, candidate_seeds = output.images[i * n:(i + 1) * n], seeds[i * n:(i + 1) * n]
+        group = variant_group(brief, v)
+        scoring = time.perf_counter()
+        scores = [float(x) for x in scorer(candidates, prompt, group)]
+        scored_s = time.perf_counter() - scoring
+        order = sorted(range(n), key=lambda c: (-scores[c], c))  # best first; ties to the lower candidate
+        top = order[0]
+        kept.append(GeneratedImage(
+            variant=v, seed=candidate_seeds[top], image=candidates[top], prompt=prompt, negative_prompt=negative,
+            timings={"generate_s": round(generated_s / len(variants), 6), "score_s": round(scored_s, 6),
+                     "batch_size": float(len(seeds)), "candidates": float(n)},
+            best_of={"n": n, "group": group, "kept": top, "rank": 1, "seeds": candidate_seeds, "scores": scores,
+                     "ranks": [order.index(c) + 1 for c in range(n)]}))
+    return kept
+
+
+def reward_scorer(model_dir) -> Scorer:
+    """A best-of-N scorer from a reward model folder: each candidate's reward for the group
+    (a brief without groups, or an unknown group: the model's population fallback)."""
+    from reward.groups import POPULATION
+    from reward.scoring import load_scorer, score_images
+
+    model, embedder = load_scorer(model_dir)
+
+    def score(images: list[Image.Image], prompt: str, group: str | None) -> list[float]:
+        key = group or POPULATION
+        return score_images(model, embedder, images, prompt, [key])[key].rewards
+
+    return score

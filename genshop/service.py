@@ -115,6 +115,33 @@ class _Heartbeat:
         self._thread.join(timeout=10)
 
 
+_best_of_scorers: dict = {}
+
+
+def best_of_scorer():
+    """The reward model of the settings (``GENSHOP_REWARD_MODEL``) as a best-of-N scorer, loaded once."""
+    from genshop.generation import reward_scorer
+    from genshop.settings import get_settings
+
+    folder = get_settings().reward_model
+    if folder is None:
+        raise ValueError("a best-of-N brief needs a reward model (GENSHOP_REWARD_MODEL is off)")
+    if folder not in _best_of_scorers:
+        _best_of_scorers[folder] = reward_scorer(folder)
+    return _best_of_scorers[folder]
+
+
+def best_of_timings(record: dict | None) -> dict[str, float]:
+    """A best-of-N pick as the item's numeric record: N, the kept candidate and its rank (1 = top),
+    and every candidate's score (``best_of_score_<c>``; the candidates' seeds follow from
+    ``generation.candidate_seed``)."""
+    if not record:
+        return {}
+    return {"best_of_n": float(record["n"]), "best_of_kept": float(record["kept"]),
+            "best_of_rank": float(record["rank"]),
+            **{f"best_of_score_{c}": float(score) for c, score in enumerate(record["scores"])}}
+
+
 def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_id: str, revision: str) -> set[int]:
     """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored.
 
@@ -133,7 +160,7 @@ def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_
                 negative_prompt=generated.negative_prompt, seed=generated.seed, steps=brief.steps,
                 guidance_scale=brief.guidance_scale, width=brief.width, height=brief.height,
                 model_id=model_id, model_revision=revision, image_sha256=sha, image_path=path,
-                timings=generated.timings,
+                timings={**generated.timings, **best_of_timings(generated.best_of)},
             ))
         store.add_items(new_items)
     except BaseException:
@@ -217,7 +244,8 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
                                 batch=index + 1, batches=len(batches)))
 
             images = generate_batch(loaded, brief, variants,
-                                    lambda: heartbeat.lost or store.is_cancel_requested(brief_id), on_step)
+                                    lambda: heartbeat.lost or store.is_cancel_requested(brief_id), on_step,
+                                    scorer=best_of_scorer() if brief.best_of > 1 else None)
             done |= _store_batch(store, [g for g in images if g.variant not in done], brief, brief_id, model_id,
                                  revision)
             report(Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,

@@ -233,7 +233,10 @@ print(np.abs(tuned - base).mean())
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["briefs"] == 2 and 0 <= report["reward_win_rate"] <= 1 and 0 <= report["heldout_win_rate"] <= 1
     assert set(report["fidelity_base"]) == {"article_type", "colour", "master_category"}
-    assert report["diversity_base"] > 0 and set(report["passed"]) == {"heldout_win_rate", "fidelity", "diversity"}
+    assert report["diversity_base"] > 0 and set(report["passed"]) == {"heldout_win_rate", "fidelity", "diversity",
+                                                                       "beats_best_of_4"}
+    assert [(c["n"], c["selector"]) for c in report["ceilings"]] == [(4, "reward"), (4, "oracle"), (8, "reward"),
+                                                                     (8, "oracle"), (16, "reward"), (16, "oracle")]
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
     # workers switch the group's LoRA in on the one loaded pipeline: group A's variants tuned, group B's base
@@ -388,3 +391,147 @@ def test_win_rate_counts_ties_half_and_diversity_is_mean_pairwise_cosine_distanc
     assert win_rate(np.array([1.0, 2.0, 3.0, 0.0]), np.array([0.0, 2.0, 1.0, 1.0])) == pytest.approx((1 + 0.5 + 1) / 4)
     e = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     assert mean_pairwise_distance(e) == pytest.approx((1 + 0 + 1) / 3)
+
+
+def test_kto_loss_is_the_papers_formula():
+    """Diffusion-KTO: r = -beta/2 (e_policy - e_ref), z_ref = max(0, mean r) with no gradient,
+    loss = mean w (1 - sigmoid(y (r - z_ref))) over the labelled images."""
+    from genshop.tuning.losses import diffusion_kto_loss, ranking_labels
+
+    torch.manual_seed(6)
+    beta = 4.0
+    for shift in (0.0, -0.3):  # z_ref above 0 and clamped at 0
+        policy = (torch.rand(3, 3) + shift).requires_grad_(True)
+        reference = torch.rand(3, 3)
+        labels = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 0.0], [1.0, 1.0, -1.0]])
+        loss, accuracy = diffusion_kto_loss(policy, reference, labels, beta, desirable_weight=1.0,
+                                            undesirable_weight=1.5)
+        r = [[-0.5 * beta * (p - q) for p, q in zip(pr, qr)] for pr, qr in zip(policy.tolist(), reference.tolist())]
+        flat = [(r[i][j], labels[i, j].item()) for i in range(3) for j in range(3) if labels[i, j] != 0]
+        z = max(0.0, sum(x for x, _ in flat) / len(flat))
+        terms = [(1.0 if y > 0 else 1.5) * (1 - 1 / (1 + math.exp(-y * (x - z)))) for x, y in flat]
+        assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+        assert accuracy.item() == pytest.approx(sum(y * (x - z) > 0 for x, y in flat) / len(flat))
+        loss.backward()  # z_ref carries no gradient: d/de_policy of a desirable term only through r
+        x, y = r[0][0], 1.0
+        s = 1 / (1 + math.exp(-(x - z)))
+        assert policy.grad[0, 0].item() == pytest.approx(-s * (1 - s) * -0.5 * beta / len(flat), rel=1e-4)
+        assert policy.grad[0, 1].item() == 0.0  # unlabelled
+    assert ranking_labels(4).tolist() == [1.0, 0.0, 0.0, -1.0]
+    from genshop.tuning.losses import preference_loss
+
+    policy, reference = torch.rand(2, 3), torch.rand(2, 3)
+    assert preference_loss("kto", policy, reference, beta)[0].item() == pytest.approx(
+        diffusion_kto_loss(policy, reference, torch.tensor([[1.0, 0.0, -1.0]] * 2), beta)[0].item())
+
+
+def test_best_of_n_weights_are_the_expectation_over_all_subsets():
+    import itertools
+
+    import numpy as np
+
+    from genshop.tuning.evaluation import best_of_n_weights
+
+    keys = np.array([0.3, 1.2, -0.4, 1.2, 0.9, 0.0])
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    for n in range(1, 7):
+        subsets = list(itertools.combinations(range(6), n))
+        # the top by key, ties to the later position, as lexsort orders them
+        expected = np.mean([values[max(s, key=lambda i: (keys[i], i))] for s in subsets])
+        weights = best_of_n_weights(keys, n)
+        assert weights.sum() == pytest.approx(1.0) and weights @ values == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        best_of_n_weights(keys, 7)
+
+
+def test_tune_eval_ceilings_without_an_adapter_for_several_groups(tmp_path, models_dir, open_clip_dir):
+    """Before any tuning: the base and best-of-N ceilings (by reward, by the oracle) for two groups
+    from one shared pool; the oracle's figures are at least the reward's, and grow with N."""
+    env = make_env(tmp_path / "home", models_dir)
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    briefs = tmp_path / "briefs.yaml"
+    briefs.write_text(json.dumps([
+        {"title": "Women's kurta", "article_type": "Kurtas", "usage": "Ethnic", "seed": 1},
+        {"title": "Men's sports shoes", "article_type": "Sports Shoes", "colour": "Black", "seed": 2}]))
+    result = invoke_cli(["tune", "eval", "--group", "A", "--group", "B", "--briefs", str(briefs), "--reward",
+                         str(reward_dir), "--variants", "2", "--inference-steps", "2", "--best-of", "2,4",
+                         "--pool", "6", "--batch-size", "4", "--json", str(tmp_path / "ceilings.json")], env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "best-of-4 by oracle" in result.stdout
+    reports = json.loads((tmp_path / "ceilings.json").read_text())
+    assert [r["group"] for r in reports] == ["A", "B"]
+    for report in reports:
+        assert report["heldout_win_rate"] is None and report["passed"] == {} and report["pool"] == 6
+        ceiling = {(c["n"], c["selector"]): c for c in report["ceilings"]}
+        assert set(ceiling) == {(2, "reward"), (2, "oracle"), (4, "reward"), (4, "oracle")}
+        for n in (2, 4):  # by construction: the oracle picks the pool's best utility, the reward its best reward
+            assert ceiling[n, "oracle"]["mean_utility"] >= ceiling[n, "reward"]["mean_utility"] - 1e-9
+            assert ceiling[n, "oracle"]["heldout_win_rate"] >= ceiling[n, "reward"]["heldout_win_rate"] - 1e-9
+            assert ceiling[n, "reward"]["reward_win_rate"] >= ceiling[n, "oracle"]["reward_win_rate"] - 1e-9
+            assert 0 <= ceiling[n, "reward"]["heldout_win_rate"] <= 1
+        assert ceiling[4, "oracle"]["mean_utility"] >= ceiling[2, "oracle"]["mean_utility"] - 1e-9
+        assert ceiling[4, "reward"]["reward_win_rate"] >= ceiling[2, "reward"]["reward_win_rate"] - 1e-9
+        assert set(ceiling[4, "reward"]["fidelity"]) == set(report["fidelity_base"])
+    refused = invoke_cli(["tune", "eval", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir),
+                          "--best-of", "8", "--pool", "4"], env)
+    assert refused.returncode == 2 and "pool" in (refused.stdout + refused.stderr)
+
+
+def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_path, models_dir, open_clip_dir):
+    """``--objective kto --preferences``: single images labelled from an A/B-style import (chosen,
+    clicked or purchased: desirable; shown and none of these: undesirable). Sampled: the margin
+    filter drops near-ties, validation briefs pick the best round's adapter."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from reward.impressions import Impression, impressions_frame, write_impressions
+
+    env = make_env(tmp_path / "home", models_dir)
+    reward_dir = tiny_model(embedding=EmbeddingConfig(backend="open_clip", model=str(open_clip_dir))).save_pretrained(
+        tmp_path / "reward")
+    images = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30), (220, 220, 220)]):
+        images.append(str(tmp_path / f"item{i}.png"))
+        Image.new("RGB", (32, 32), colour).save(images[-1])
+    rows = [Impression(impression_id="1", group_id="A", brief="Women's red kurta", items=images[:2], chosen=images[0],
+                       source="ab_import"),
+            Impression(impression_id="2", group_id="A", brief="Women's red kurta", items=images[2:], chosen=None,
+                       clicks=[0, 3], source="ab_import"),
+            Impression(impression_id="3", group_id="B", brief="Women's red kurta", items=images[:2], chosen=images[1],
+                       source="ab_import")]
+    impressions = write_impressions(impressions_frame(rows), tmp_path / "ab.parquet")
+    briefs = tmp_path / "briefs.yaml"
+    briefs.write_text(json.dumps([{"title": "Women's red kurta", "article_type": "Kurtas", "seed": 1}]))
+    out = tmp_path / "kto"
+    result = invoke_cli(["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out",
+                         str(out), "--objective", "kto", "--preferences", str(impressions), "--steps", "3",
+                         "--batch-size", "3", "--inference-steps", "2", "--lr", "1e-2", "--threads", "1"], env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with safe_open(str(out / "rankings-round000.safetensors"), framework="pt") as f:
+        rankings = json.loads(f.metadata()["rankings"])
+        assert f.get_tensor("latents").shape[:2] == (4, 1)  # group A's four shown images, one by one
+    assert [r["labels"] for r in rankings] == [[1.0], [-1.0], [-1.0], [1.0]]  # chosen, not, not, clicked
+    losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3]
+    assert all(0 <= r["loss"] <= 1.5 for r in losses if "loss" in r)  # 1 - sigmoid: bounded
+    assert json.loads((out / "adapter" / "genshop_adapter.json").read_text())["objective"] == "kto"
+
+    # sampled rankings with both guards: 3 briefs, 1 held out for validation, 2 rounds
+    briefs.write_text(json.dumps([{"title": t, "seed": i} for i, t in
+                                  enumerate(["Women's red kurta", "Men's black wallet", "Blue jeans"])]))
+    guarded = tmp_path / "guarded"
+    args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out", str(guarded),
+            "--objective", "kto", "--candidates", "3", "--steps", "2", "--rounds", "2", "--inference-steps", "2",
+            "--lr", "1e-2", "--threads", "1", "--min-margin", "1e-6", "--validation-briefs", "1"]
+    result = invoke_cli(args, env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    log = [json.loads(line) for line in (guarded / "log.jsonl").read_text().splitlines()]
+    assert [r["rankings"] for r in log if r.get("event") == "rankings"] == [2, 2]  # the validation brief left out
+    assert [r["of"] for r in log if r.get("event") == "margin_filter"] == [2, 2]
+    validation = [r for r in log if r.get("event") == "validation"]
+    assert [r["step"] for r in validation] == [2, 4]
+    saved = json.loads((guarded / "adapter" / "genshop_adapter.json").read_text())
+    assert saved["steps"] == max(validation, key=lambda r: r["mean_reward"])["step"] and saved["trained_steps"] == 4
+    too_strict = invoke_cli([*args[:8], str(tmp_path / "strict"), *args[9:-4], "--min-margin", "1e9"], env)
+    assert too_strict.returncode != 0 and "min-margin" in (too_strict.stdout + too_strict.stderr)

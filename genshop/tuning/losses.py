@@ -26,6 +26,19 @@ implicit rewards,
 (candidates ordered best first), which is exactly DPO when K = 2. Noise and timestep are
 shared by the candidates of one ranking, as DPO shares them between winner and loser.
 
+Diffusion-KTO (Li et al., 2024, "Aligning Diffusion Models by Optimizing Human Utility")
+learns from single images marked desirable or undesirable (clicks, purchases, a choice, or
+the top and bottom of a sampled ranking), no pairs needed. With the same implicit reward
+``r`` and a reference point ``z_ref = max(0, mean_batch r)`` (the batch's estimate of
+``beta KL(policy || reference)``, no gradient), the Kahneman–Tversky value is
+``sigma(r - z_ref)`` for a desirable image and ``sigma(z_ref - r)`` for an undesirable one,
+and the loss
+
+    L = mean_x  w(x) (1 - sigma(y(x) (r(x) - z_ref))),   y = +1 desirable, -1 undesirable,
+
+with weights ``lambda_D`` and ``lambda_U`` (``w``, 1 by default; raise the rarer label's
+weight when one kind dominates, KTO's ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3]).
+
 Default beta per prediction type (``default_beta``): 5000 for ε- and v-prediction (the
 paper's SD 1.5 and SDXL value); 500 for flow matching: the ε-DPO strength carried over,
 ``5000 * E[(1 - s)^2]``, is about 560 under SD3's shifted logit-normal timestep sampling
@@ -79,12 +92,42 @@ def plackett_luce_loss(policy_errors: torch.Tensor, reference_errors: torch.Tens
     return loss, agree.float().mean()
 
 
-def preference_loss(objective: str, policy_errors: torch.Tensor, reference_errors: torch.Tensor, beta: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dpo``: the best against the worst candidate of each ranking; ``listwise``: the whole ranking."""
+def ranking_labels(k: int) -> torch.Tensor:
+    """KTO's labels of a ranking of ``k`` (best first): the top desirable (+1), the bottom
+    undesirable (-1), any between unlabelled (0)."""
+    labels = torch.zeros(k)
+    labels[0], labels[-1] = 1.0, -1.0
+    return labels
+
+
+def diffusion_kto_loss(policy_errors: torch.Tensor, reference_errors: torch.Tensor, labels: torch.Tensor,
+                       beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy (the share of labelled images on their label's side of ``z_ref``) for
+    errors and ``labels`` of any one shape (+1 desirable, -1 undesirable, 0 left out)."""
+    rewards = implicit_rewards(policy_errors, reference_errors, beta)
+    labelled = labels != 0
+    if not labelled.any():
+        raise ValueError("KTO needs at least one image labelled desirable or undesirable")
+    reference_point = rewards[labelled].mean().clamp(min=0).detach()
+    sign = labels.to(rewards.dtype)
+    margin = sign * (rewards - reference_point)
+    weights = torch.where(labels > 0, desirable_weight, undesirable_weight).to(rewards.dtype)
+    losses = weights * (1 - torch.sigmoid(margin))
+    return losses[labelled].mean(), (margin[labelled] > 0).float().mean()
+
+
+def preference_loss(objective: str, policy_errors: torch.Tensor, reference_errors: torch.Tensor, beta: float,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dpo``: the best against the worst candidate of each ranking; ``listwise``: the whole ranking;
+    ``kto``: single images by their ``labels`` (default: each ranking's top desirable, bottom undesirable)."""
+    if objective == "kto":
+        if labels is None:
+            labels = ranking_labels(policy_errors.shape[1]).expand_as(policy_errors)
+        return diffusion_kto_loss(policy_errors, reference_errors, labels.to(policy_errors.device), beta)
     if objective == "dpo":
         pair = [0, policy_errors.shape[1] - 1]
         return diffusion_dpo_loss(policy_errors[:, pair], reference_errors[:, pair], beta)
     if objective == "listwise":
         return plackett_luce_loss(policy_errors, reference_errors, beta)
-    raise ValueError(f"unknown objective {objective!r}: 'dpo' or 'listwise'")
+    raise ValueError(f"unknown objective {objective!r}: 'dpo', 'listwise' or 'kto'")

@@ -48,7 +48,7 @@ from genshop.training.checkpoint import has_training_state, load_training_state,
 from genshop.adapters import add_group_adapter, save_group_adapter
 from genshop.families import family_of
 from genshop.tuning.denoising import vae_scale_factor
-from genshop.tuning.losses import default_beta, denoising_errors, preference_loss
+from genshop.tuning.losses import default_beta, denoising_errors, preference_loss, ranking_labels
 
 ProgressCallback = Callable[[str, int, int, dict], None]  # (stage, done, total, metrics)
 
@@ -61,9 +61,17 @@ class TuneConfig(BaseModel):
     reward: Path = Field(description="group reward model folder")
     out: Path
     preset: str | None = Field(default=None, description="generation preset of the base pipeline (default: settings)")
-    objective: Literal["dpo", "listwise"] = "dpo"
+    objective: Literal["dpo", "listwise", "kto"] = "dpo"
     preferences: list[Path] = Field(default_factory=list,
                                     description="offline: impressions files (items = image files) instead of sampling")
+    min_margin: float = Field(default=0.0, ge=0, description="guard: sampled rankings whose best and worst rewards "
+                              "differ by less are dropped (near-ties the reward cannot tell apart)")
+    validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
+                                   "split) are not tuned on; after each round their mean reward over fixed seeds "
+                                   "is measured and the adapter of the best round is the one saved")
+    validation_variants: int = Field(default=4, ge=1)
+    validate_every: int | None = Field(default=None, ge=1, description="validation every this many steps "
+                                       "(default: at the end of each round)")
     candidates: int = Field(default=4, ge=2, description="K images sampled per brief and round")
     rounds: int = Field(default=1, ge=1)
     steps_per_round: int = Field(default=100, ge=1)
@@ -84,6 +92,7 @@ class Ranking(BaseModel):
 
     prompt: str
     rewards: list[float]
+    labels: list[float] | None = None  # KTO: +1 desirable, -1 undesirable per candidate; None: by position
 
 
 def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
@@ -124,15 +133,18 @@ def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k
 
 
 @torch.no_grad()
-def preference_rankings(family, pipeline, paths: list[Path], group: str, width: int, height: int
-                        ) -> tuple[list[Ranking], torch.Tensor]:
-    """Offline pairs from impressions: the chosen image against each other one shown (K = 2)."""
+def preference_rankings(family, pipeline, paths: list[Path], group: str, width: int, height: int,
+                        objective: str = "dpo") -> tuple[list[Ranking], torch.Tensor]:
+    """Offline pairs from impressions: the chosen image against each other one shown (K = 2).
+
+    For ``kto``, single images (K = 1) instead: desirable when chosen, clicked or purchased,
+    undesirable when shown and none of these (impressions where none was chosen count too)."""
     from PIL import Image
 
     from reward.impressions import read_impression_files
 
     frame = read_impression_files(paths)
-    frame = frame[(frame["group_id"] == group) & frame["chosen"].notna()]
+    frame = frame[(frame["group_id"] == group) & (frame["chosen"].notna() | (objective == "kto"))]
     if frame.empty:
         raise ValueError(f"no impressions with a choice for group {group!r} in {', '.join(map(str, paths))}")
     cache: dict[str, torch.Tensor] = {}
@@ -144,6 +156,16 @@ def preference_rankings(family, pipeline, paths: list[Path], group: str, width: 
         return cache[path]
 
     rankings, latents = [], []
+    if objective == "kto":
+        for row in frame.to_dict("records"):
+            for i, item in enumerate(row["items"]):
+                acted = any(row.get(name) is not None and not isinstance(row.get(name), float) and row[name][i] > 0
+                            for name in ("clicks", "purchases"))
+                desirable = item == row["chosen"] or acted
+                rankings.append(Ranking(prompt=row["brief"], rewards=[float(desirable)],
+                                        labels=[1.0 if desirable else -1.0]))
+                latents.append(latent(item)[None])
+        return rankings, torch.stack(latents)
     for row in frame.itertuples():
         for other in row.items:
             if other != row.chosen:
@@ -152,11 +174,40 @@ def preference_rankings(family, pipeline, paths: list[Path], group: str, width: 
     return rankings, torch.stack(latents)
 
 
+def split_validation(briefs: list[Brief], n: int, seed: int) -> tuple[list[Brief], list[Brief]]:
+    """``n`` briefs (a fixed random choice) held out of the tuning for early stopping, and the rest."""
+    if n == 0:
+        return briefs, []
+    if n >= len(briefs):
+        raise ValueError(f"{n} validation briefs leave none of the {len(briefs)} to tune on")
+    chosen = set(random.Random(seed + 1).sample(range(len(briefs)), n))
+    return [b for i, b in enumerate(briefs) if i not in chosen], [b for i, b in enumerate(briefs) if i in chosen]
+
+
+@torch.no_grad()
+def validation_reward(family, pipeline, briefs: list[Brief], group: str, scorer, variants: int,
+                      max_sequence_length: int | None = None) -> float:
+    """The group's mean reward of the current policy's images on the validation briefs, fixed seeds."""
+    from reward.scoring import score_images
+
+    model, embedder = scorer
+    values = []
+    for i, brief in enumerate(briefs):
+        prompt = build_prompt(brief)
+        kwargs = family.generation_kwargs(pipeline, prompt, brief.negative_prompt or "", variants,
+                                          brief.guidance_scale, max_sequence_length)
+        images = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
+                          generator=[torch.Generator().manual_seed(7_000_003 + 101 * i + v) for v in range(variants)]
+                          ).images
+        values += score_images(model, embedder, images, prompt, [group])[group].rewards
+    return float(np.mean(values))
+
+
 # ---------------------------------------------------------------- one step
 
 def preference_step(family, denoiser, process, latents: torch.Tensor, conditioning: dict[str, torch.Tensor],
-                    objective: str, beta: float, generator: torch.Generator, reference=None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    objective: str, beta: float, generator: torch.Generator, reference=None,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and implicit accuracy on ``[B, K, C, H, W]`` ranked latents with one conditioning row per ranking.
 
     ``family`` makes the network call (``prediction``) and ``process`` (its
@@ -188,7 +239,7 @@ def preference_step(family, denoiser, process, latents: torch.Tensor, conditioni
                 reference_errors = errors(denoiser)
             finally:
                 denoiser.enable_adapters()
-    return preference_loss(objective, policy, reference_errors, beta)
+    return preference_loss(objective, policy, reference_errors, beta, labels)
 
 
 # ---------------------------------------------------------------- grids and curves
@@ -248,6 +299,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     preset = load_preset(config.preset or get_settings().preset)
     briefs = load_tune_briefs(config.briefs, preset, config.seed, steps=config.inference_steps,
                               guidance_scale=config.guidance_scale)
+    briefs, validation = split_validation(briefs, config.validation_briefs, config.seed)
     loaded = load_pipeline(preset)
     pipeline = loaded.pipeline
     family = family_of(pipeline)
@@ -302,7 +354,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
                 progress("sample", 0, len(briefs), {"round": round_index})
             if config.preferences:
                 rankings, latents = preference_rankings(family, pipeline, config.preferences, config.group, briefs[0].width,
-                                                        briefs[0].height)
+                                                        briefs[0].height, config.objective)
             else:
                 rankings, latents = sample_rankings(family, pipeline, briefs, config.group, scorer, config.candidates,
                                                     config.seed + round_index, text_length)
@@ -311,14 +363,35 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             append_log(log, {"event": "rankings", "round": round_index, "step": step, "rankings": len(rankings),
                              "mean_reward_best": float(np.mean([r.rewards[0] for r in rankings])),
                              "mean_reward": float(np.mean([np.mean(r.rewards) for r in rankings]))})
+        if validation:  # rankings sampled by a run without this split (shared round files) leave its briefs out
+            held_out = {build_prompt(b) for b in validation}
+            keep = [i for i, r in enumerate(rankings) if r.prompt not in held_out]
+            rankings, latents = [rankings[i] for i in keep], latents[torch.tensor(keep)]
+        if config.min_margin > 0 and not config.preferences:  # the file keeps them all; the filter is the config's
+            keep = [i for i, r in enumerate(rankings) if r.rewards[0] - r.rewards[-1] >= config.min_margin]
+            if not keep:
+                raise ValueError(f"no ranking has a reward margin of {config.min_margin}: lower --min-margin")
+            if not any(r.get("event") == "margin_filter" and r["round"] == round_index for r in read_log(log)):
+                append_log(log, {"event": "margin_filter", "round": round_index, "step": step, "kept": len(keep),
+                                 "of": len(rankings)})
+            rankings, latents = [rankings[i] for i in keep], latents[torch.tensor(keep)]
+        if config.objective in ("dpo", "kto") and latents.shape[1] > 2:
+            # only the best and the worst are trained on: the middle candidates cost network calls for nothing
+            rankings = [r.model_copy(update={"rewards": [r.rewards[0], r.rewards[-1]]}) if r.labels is None else r
+                        for r in rankings]
+            latents = latents[:, [0, latents.shape[1] - 1]]
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
         round_end = (round_index + 1) * config.steps_per_round
         while step < round_end:
             chosen = torch.randint(len(rankings), (config.batch_size,), generator=generator)
             batch = latents[chosen]
+            labels = None
+            if config.objective == "kto":
+                labels = torch.stack([torch.tensor(rankings[i].labels) if rankings[i].labels is not None
+                                      else ranking_labels(batch.shape[1]) for i in chosen.tolist()])
             loss, accuracy = preference_step(family, denoiser, process, batch,
                                              conditioning([rankings[i].prompt for i in chosen.tolist()], batch),
-                                             config.objective, beta, generator)
+                                             config.objective, beta, generator, labels=labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
@@ -330,15 +403,41 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             append_log(log, metrics)
             if progress:
                 progress("tune", step, total, metrics)
-            if step % config.checkpoint_every == 0 or step == round_end:
+            validate = bool(validation) and (step == round_end or (config.validate_every is not None
+                                                                   and step % config.validate_every == 0))
+            if step % config.checkpoint_every == 0 or step == round_end or validate:
                 save_training_state(state_dir, lora, optimizer, step)
+            if validate:
+                value = validation_reward(family, pipeline, validation, config.group, scorer,
+                                          config.validation_variants, text_length)
+                append_log(log, {"event": "validation", "round": round_index, "step": step, "mean_reward": value})
+                best = max((r for r in read_log(log) if r.get("event") == "validation"),
+                           key=lambda r: r["mean_reward"])
+                if best["step"] == step:
+                    save_group_adapter(denoiser, config.group, out / "best-adapter", family=family)
+                    save_file({k: v.detach().contiguous() for k, v in lora.state_dict().items()},
+                              str(out / "best-lora.safetensors"))
 
     adapter = out / "adapter"
-    save_group_adapter(denoiser, config.group, adapter, family=family)
+    saved_steps = step
+    if validation:  # early stopping: the adapter of the round the validation briefs' reward was best after
+        import shutil
+
+        records = [r for r in read_log(log) if r.get("event") == "validation"]
+        best = max(records, key=lambda r: r["mean_reward"])
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        shutil.copytree(out / "best-adapter", adapter)
+        saved_steps = best["step"]
+        with safe_open(str(out / "best-lora.safetensors"), framework="pt") as f:  # the grids show the saved one
+            lora.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    else:
+        save_group_adapter(denoiser, config.group, adapter, family=family)
     (adapter / "genshop_adapter.json").write_text(json.dumps({
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
-        "base_revision": loaded.revision, "steps": step, "beta": beta, "rank": config.rank,
-        "family": family.name, "prediction_type": process.prediction_type}, indent=2))
+        "base_revision": loaded.revision, "steps": saved_steps, "trained_steps": step, "beta": beta,
+        "rank": config.rank, "family": family.name, "prediction_type": process.prediction_type,
+        "min_margin": config.min_margin, "validation_briefs": config.validation_briefs}, indent=2))
     brief_grid(family, pipeline, briefs, out / "samples-after.png", text_length)
     plot_tune_curves(log, out / "curves.png")
     return adapter
