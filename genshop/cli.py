@@ -156,13 +156,20 @@ def worker(concurrency: int, loglevel: str, pool: str, hostname: str, queues: st
 
 def _database_ready() -> None:
     """The schema at this code's revision before a worker or server starts: upgraded, or refused
-    with one line (``genshop.db``; ``GENSHOP_DB_AUTO_UPGRADE``)."""
+    with one line (``genshop.db``; ``GENSHOP_DB_AUTO_UPGRADE``). A database that cannot be reached
+    yet is not a reason to stay down: the process starts, says so, and every store it opens later
+    checks (and upgrades) the schema then, as the requeue sweep retries until it can."""
+    from sqlalchemy.exc import OperationalError
+
     from genshop.db import SchemaError
 
     try:
         _store()
     except SchemaError as exc:
         raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        stderr.print(f"warning: the database cannot be reached yet ({str(exc.orig or exc).splitlines()[0]}); "
+                     "starting anyway, its schema is checked when it answers", highlight=False, markup=False)
 
 
 def _supervise(argv: list[str], restart_delay_s: float = 1.0) -> None:

@@ -143,7 +143,11 @@ def test_search_by_image_upload_and_bad_queries_are_422_by_field(api_service, fi
     png = api.get(items[1]["image_url"]).content
     hits = api.post("/api/search", files={"image": ("query.png", png, "image/png")}, data={"k": "3"}).json()
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3) and len(hits) == 3
-    assert api.get(hits[0]["image_url"]).content == png  # the same picture (another variant may be pixel-equal)
+    # the same picture is among the best: the tiny random CLIP embeds some other noise images of
+    # the shared service just as close (cosine 1 within float error), so ties are not ordered
+    hits = api.post("/api/search", files={"image": ("query.png", png, "image/png")}, data={"k": "50"}).json()
+    best = [h for h in hits if h["score"] >= 1.0 - 1e-3]
+    assert any(api.get(h["image_url"]).content == png for h in best), [h["score"] for h in hits[:5]]
 
     empty = api.post("/api/search", files={"image": ("empty.png", b"", "image/png")})
     garbage = api.post("/api/search", files={"image": ("x.png", b"not an image", "image/png")})
