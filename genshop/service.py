@@ -321,9 +321,13 @@ def _understanding(record: UnderstandingRecord) -> ItemUnderstanding:
 
 def item_details(store: Store, brief_id: str) -> list[ItemDetails]:
     """The brief's items, each with its per-group reward scores and its understanding."""
-    items = store.list_items(brief_id)
+    return details_of(store, store.list_items(brief_id))
+
+
+def details_of(store: Store, items: list[ItemRecord]) -> list[ItemDetails]:
+    """Items (of any briefs) with their per-group reward scores and their understanding."""
     scores: dict[str, list[ItemScore]] = {}
-    for score in store.list_scores(brief_id):
+    for score in store.list_item_scores([item.id for item in items]):
         scores.setdefault(score.item_id, []).append(ItemScore.model_validate(score.model_dump()))
     understood = {u.item_id: _understanding(u) for u in store.list_understandings([item.id for item in items])}
     return [ItemDetails(**item.model_dump(), scores=scores.get(item.id, []), understanding=understood.get(item.id))
