@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, delete, event, func, literal, select, update)
 from sqlalchemy.exc import IntegrityError
@@ -334,6 +334,14 @@ class ItemQuery(BaseModel):
     sort: ItemSort = "newest"
     limit: int = Field(default=24, ge=1, le=200)
     offset: int = Field(default=0, ge=0, le=10**9)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """A date or a time without an offset is UTC (the store's times are)."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
     def issues(self) -> list[tuple[str, str]]:
         """What the fields allow one by one but not together: (field, message)."""
