@@ -124,12 +124,11 @@ def test_pause_resume_and_clear_through_the_api_lose_nothing(api_service):
     assert erin.post("/api/briefs", json={"title": "one too many", **TINY}).status_code == 429  # paused count
     assert erin.get("/api/me").json()["queued"] == 2
     assert fay.post("/api/queue/pause", json={"scope": "all"}).json()["queue"]["paused_all"]
+    assert [b["id"] for b in erin.get("/api/briefs", params={"status": "paused"}).json()] == [second["id"], first["id"]]
+    # erin's own pause ends, but the whole queue's still holds her briefs; its end releases them
     assert erin.get("/api/queue").json()["paused_all"] and erin.post("/api/queue/resume", json={}).json()["brief_ids"] == []
-    assert fay.post("/api/queue/resume", json={"scope": "all"}).json()["queue"]["paused_all"] is False
-    assert erin.get("/api/briefs", params={"status": "paused"}).json()[0]["id"] == second["id"]
-
-    resumed = erin.post("/api/queue/resume", json={}).json()
-    assert resumed["brief_ids"] == [first["id"], second["id"]]
+    resumed = fay.post("/api/queue/resume", json={"scope": "all"}).json()
+    assert resumed["brief_ids"] == [first["id"], second["id"]] and resumed["queue"]["paused_all"] is False
     for brief in (first, second):
         done = wait_for(lambda b=brief: (r := erin.get(f"/api/briefs/{b['id']}").json())["status"] in
                         ("succeeded", "failed", "cancelled") and r, 60, 0.2, what="a resumed brief")
@@ -141,3 +140,67 @@ def test_pause_resume_and_clear_through_the_api_lose_nothing(api_service):
     assert cleared["brief_ids"] == waiting and cleared["queue"]["queued"] == cleared["queue"]["paused"] == 0
     assert {erin.get(f"/api/briefs/{b}").json()["status"] for b in waiting} == {"cancelled"}
     erin.post("/api/queue/resume", json={})
+
+
+def test_picks_become_manual_impressions_that_tune_reads_and_variants_filter_and_sort(api_service, env):
+    from genshop.families import family_of
+    from genshop.pipelines import load_pipeline
+    from genshop.tuning.tune import preference_rankings
+    from reward.impressions import read_impressions
+    from tests.conftest import invoke_cli
+
+    erin = api_client(api_service, "erin")
+    brief = erin.post("/api/briefs", json={"title": "Erin's blue shirt", "description": "striped", "groups": ["A", "B"],
+                                           "variants": 4, "seed": 21, "steps": 2, "width": 16, "height": 16}).json()
+    items = wait_for(lambda: len(got := erin.get(f"/api/briefs/{brief['id']}/items").json()) == 4 and
+                     all(len(i["scores"]) == 2 for i in got) and got, 120, 0.3, what="four scored variants")
+    score_a = {i["id"]: next(s["score"] for s in i["scores"] if s["group_id"] == "A") for i in items}
+
+    def found(**params) -> dict:
+        response = erin.get("/api/items", params={"text": "BLUE shirt", **params})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    by_score = found(group="A", sort="score")
+    assert by_score["total"] == 4 and [i["id"] for i in by_score["items"]] == sorted(score_a, key=score_a.get, reverse=True)
+    assert [i["seed"] for i in found(seed=23)["items"]] == [23]
+    assert found(model="lora:A")["total"] == 2 and found(model="base")["total"] == 2  # A's LoRA, base for B
+    assert found(status="succeeded")["total"] == 4 and found(status="failed")["total"] == 0
+    assert found(since="2999-01-01")["total"] == 0 and found(until="2999-01-01")["total"] == 4
+    middle = sorted(score_a.values())[1]
+    assert {i["id"] for i in found(group="A", min_score=middle)["items"]} == {k for k, v in score_a.items() if v >= middle}
+    page = found(sort="seed", limit=3, offset=3)
+    assert page["total"] == 4 and [i["seed"] for i in page["items"]] == [24]
+    assert erin.get("/api/items", params={"sort": "score"}).json()["detail"][0]["loc"] == ["query", "group"]
+    assert api_client(api_service, "bob").get("/api/items", params={"text": "Erin's"}).json()["total"] == 0
+
+    best, worst, other, last = sorted(score_a, key=score_a.get, reverse=True)
+    assert erin.put(f"/api/items/{best}/pick", json={"choice": "picked", "group": "A"}).json() == [
+        {"group_id": "A", "choice": "picked"}]
+    erin.put(f"/api/items/{worst}/pick", json={"choice": "rejected", "group": "A"})
+    assert erin.put(f"/api/items/{other}/pick", json={"choice": "picked"}).json() == [  # every target group
+        {"group_id": "A", "choice": "picked"}, {"group_id": "B", "choice": "picked"}]
+    assert erin.put(f"/api/items/{other}/pick", json={"choice": None, "group": "A"}).json() == [
+        {"group_id": "B", "choice": "picked"}]  # withdrawn for A
+    for body, field in (({"choice": "liked"}, "choice"), ({"choice": "picked", "group": "Q"}, "group"),
+                        ({"choice": "picked", "group": "A", "extra": 1}, "extra")):
+        assert erin.put(f"/api/items/{last}/pick", json=body).json()["detail"][0]["loc"] == ["body", field]
+    assert api_client(api_service, "bob").put(f"/api/items/{best}/pick", json={"choice": "picked"}).status_code == 404
+    shown = erin.get(f"/api/briefs/{brief['id']}/items").json()
+    assert {i["id"]: i["picks"] for i in shown}[best] == [{"group_id": "A", "choice": "picked"}]
+
+    _, service_env = api_service
+    out = env["GENSHOP_HOME"] + "/manual.parquet"
+    exported = invoke_cli(["picks", "export", "--designer", "erin", "--out", out, "--json"], service_env)
+    assert exported.returncode == 0, exported.stderr
+    assert '"picks":3' in exported.stdout.replace(" ", "") and '"impressions":2' in exported.stdout.replace(" ", "")
+    frame = read_impressions(out).set_index("group_id")
+    paths = {i["id"]: i for i in shown}
+    assert set(frame["source"]) == {"manual"} and frame.loc["A", "chosen"].endswith(paths[best]["image_sha256"] + ".png")
+    assert len(frame.loc["A", "items"]) == 4 and len(frame.loc["B", "items"]) == 4  # the pick against the other three
+
+    loaded = load_pipeline("tiny-random")
+    rankings, latents = preference_rankings(family_of(loaded.pipeline), loaded.pipeline, [out], "A", 16, 16)
+    assert len(rankings) == 3 and latents.shape[:2] == (3, 2)  # the pick preferred to each variant not picked
+    desirable = preference_rankings(family_of(loaded.pipeline), loaded.pipeline, [out], "B", 16, 16, "kto")[0]
+    assert sorted(r.labels[0] for r in desirable) == [-1.0, -1.0, -1.0, 1.0]
