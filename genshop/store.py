@@ -519,7 +519,7 @@ class Store:
                 session.flush()
             rows = list(session.scalars(select(BriefRow).where(BriefRow.status == "queued",
                                                               _pause_covers(BriefRow.designer))
-                                        .with_for_update()))
+                                        .order_by(BriefRow.created_at).with_for_update()))
             for row in rows:
                 row.status = "paused"
             return [_to_record(row) for row in rows]

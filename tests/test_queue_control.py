@@ -107,6 +107,32 @@ def test_high_goes_first_designers_take_turns_and_a_paused_designer_waits_then_r
     assert clear(store, "yara", withdraw_generation_messages) == []  # nothing left waiting
 
 
+def test_the_cli_submits_at_the_front_and_pauses_resumes_and_clears(env, tmp_path):
+    import json
+
+    from tests.conftest import invoke_cli, write_brief
+
+    brief = write_brief(tmp_path / "b.json", **TINY)
+    normal = json.loads(invoke_cli(["submit", str(brief), "--json"], env).stdout)
+    front = json.loads(invoke_cli(["submit", str(brief), "--front", "--json"], env).stdout)
+    assert (normal["brief"]["priority"], front["brief"]["priority"]) == ("normal", "high")
+    client, queue = redis.Redis.from_url(TEST_REDIS_URL), env["GENSHOP_QUEUE"]
+    from workers.app import PRIORITY_SEPARATOR
+
+    assert [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)] == [front["task_id"]]  # step 0
+    assert [json.loads(m)["headers"]["id"] for m in client.lrange(f"{queue}{PRIORITY_SEPARATOR}5", 0, -1)] == [
+        normal["task_id"]]
+    paused = json.loads(invoke_cli(["queue", "pause", "--json"], env).stdout)["paused"]
+    assert paused == [normal["brief_id"], front["brief_id"]] and queued_messages(queue) == {}
+    status = json.loads(invoke_cli(["queue", "status", "--json"], env).stdout)
+    assert status == {"paused_all": True, "paused_designers": [], "queued": 0, "paused": 2}
+    assert json.loads(invoke_cli(["queue", "resume", "--json"], env).stdout)["resumed"] == paused
+    assert queued_messages(queue) == {normal["task_id"]: 1, front["task_id"]: 1}  # one message each, again
+    assert json.loads(invoke_cli(["queue", "clear", "--json"], env).stdout)["cancelled"] == paused
+    assert queued_messages(queue) == {}
+    assert json.loads(invoke_cli(["status", front["brief_id"], "--json"], env).stdout)["status"] == "cancelled"
+
+
 def api_client(api_service, designer: str) -> httpx.Client:
     server, _ = api_service
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_TOKENS[designer]}"}, timeout=30)
