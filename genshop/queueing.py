@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from genshop.store import ALL_SCOPE, QUEUE_RANKS, WAITING_STATUSES, BriefRecord, Store
+from genshop.store import ALL_SCOPE, QUEUE_RANKS, BriefRecord, Store
 
 PRIORITY_STEPS = list(range(10))  # kombu's Redis transport: 0 is served first, 9 last
 BAND_START = {"high": 0, "normal": QUEUE_RANKS}
@@ -103,6 +103,3 @@ def clear(store: Store, designer: str | None, withdraw: Withdraw) -> list[str]:
             pass
     return cleared
 
-
-__all__ = ["PRIORITY_STEPS", "QueueState", "WAITING_STATUSES", "brief_priority", "clear", "enqueue_waiting",
-           "pause", "queue_priority", "queue_state", "resume"]
