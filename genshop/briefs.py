@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
@@ -48,6 +48,8 @@ class Brief(BaseModel):
     height: int | None = Field(default=None, ge=8, le=2048)
     negative_prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
     client_reference: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None = None
+    priority: Literal["normal", "high"] = Field(default="normal", description="high: served before every normal "
+                                                "brief (`submit --front`); fair among designers within each")
 
     @field_validator("title", "description", "article_type", "colour", "usage", "gender", "negative_prompt",
                      "client_reference")

@@ -226,13 +226,16 @@ def serve(host: str, port: int) -> None:
 @click.option("--wait", is_flag=True, help="wait for the brief to finish, showing progress")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--local", is_flag=True, help="run it here with an in-process worker (no Redis)")
-def submit(file: Path, wait: bool, as_json: bool, local: bool) -> None:
+@click.option("--front", is_flag=True, help="at the front of the queue (the brief's `priority: high`)")
+def submit(file: Path, wait: bool, as_json: bool, local: bool, front: bool) -> None:
     """Validate a brief file (YAML or JSON), store it and queue it."""
     from genshop.briefs import load_brief_file
     from genshop.presets import load_preset
 
     settings = get_settings()
     brief = load_brief_file(file, load_preset(settings.preset))  # schema and limits, before the heavy imports
+    if front:
+        brief = brief.model_copy(update={"priority": "high"})
     from genshop.local_worker import load_local_models, run_locally
     from genshop.service import submit_brief
 
@@ -329,6 +332,7 @@ def _register_model_commands() -> None:
     from genshop.cli_experiments import export, import_group, report
     from genshop.cli_tune import tune
     from genshop.cli_infra import db_group, index_group
+    from genshop.cli_queue import picks_group, queue_group
 
     main.add_command(reward)
     main.add_command(understand)
@@ -341,6 +345,8 @@ def _register_model_commands() -> None:
     main.add_command(tune)
     main.add_command(index_group)
     main.add_command(db_group)
+    main.add_command(queue_group)
+    main.add_command(picks_group)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)

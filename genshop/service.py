@@ -20,6 +20,7 @@ from genshop.briefs import Brief, resolve_brief
 from genshop.generation import GenerationCancelled, generate_batch, plan_batches
 from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
+from genshop.queueing import brief_priority, enqueue_waiting
 from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord
 
 
@@ -74,12 +75,15 @@ def submit_brief(store: Store, brief: Brief, preset_name: str, designer: str | N
     return store.create_brief(resolve_brief(brief, load_preset(preset_name)), preset_name, designer, max_queued)
 
 
-def enqueue_brief(store: Store, brief_id: str, enqueue: Callable[[str], str]) -> BriefRecord:
-    """Put a stored, queued brief on the generation queue (``enqueue`` returns the task id).
-    If the queue cannot take it, the brief is deleted again and the error raised: nothing is
+def enqueue_brief(store: Store, brief_id: str, enqueue: Callable[[str, int], str]) -> BriefRecord:
+    """Put a stored, queued brief on the generation queue at its priority (``enqueue(brief_id,
+    priority)`` returns the task id; ``genshop.queueing`` says how fairness is kept). If the queue cannot take it, the brief is deleted again and the error raised: nothing is
     left half-submitted."""
+    record = store.get_brief(brief_id)
+    if record.status != "queued":  # submitted while a pause covers it: resuming the queue enqueues it
+        return record
     try:
-        store.mark_enqueued(brief_id, enqueue(brief_id))
+        store.mark_enqueued(brief_id, enqueue(brief_id, brief_priority(store, record)))
     except Exception:
         store.delete_queued_brief(brief_id)
         raise
@@ -260,7 +264,7 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
     return store.finish(brief_id, "succeeded")
 
 
-def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: float,
+def requeue_stale(store: Store, enqueue: Callable[[str, int], str], older_than_s: float,
                   in_broker: Callable[[list[str]], set[str]] | None = None,
                   lease_s: float | None = None, recheck_s: float = 2.0) -> list[str]:
     """Put unfinished briefs whose queue message is truly lost back on the queue.
@@ -294,11 +298,7 @@ def requeue_stale(store: Store, enqueue: Callable[[str], str], older_than_s: flo
                 time.sleep(recheck_s)
             held = in_broker(stale) if stale else set()
             stale = [brief_id for brief_id in stale if brief_id not in held]
-    requeued = []
-    for record in store.claim_stale(now - timedelta(seconds=older_than_s), stale):
-        store.mark_enqueued(record.id, enqueue(record.id))
-        requeued.append(record.id)
-    return requeued
+    return enqueue_waiting(store, store.claim_stale(now - timedelta(seconds=older_than_s), stale), enqueue)
 
 
 def cancel_brief(store: Store, brief_id: str, revoke: Callable[[str], None] | None = None) -> BriefRecord:
@@ -321,9 +321,13 @@ def _understanding(record: UnderstandingRecord) -> ItemUnderstanding:
 
 def item_details(store: Store, brief_id: str) -> list[ItemDetails]:
     """The brief's items, each with its per-group reward scores and its understanding."""
-    items = store.list_items(brief_id)
+    return details_of(store, store.list_items(brief_id))
+
+
+def details_of(store: Store, items: list[ItemRecord]) -> list[ItemDetails]:
+    """Items (of any briefs) with their per-group reward scores and their understanding."""
     scores: dict[str, list[ItemScore]] = {}
-    for score in store.list_scores(brief_id):
+    for score in store.list_item_scores([item.id for item in items]):
         scores.setdefault(score.item_id, []).append(ItemScore.model_validate(score.model_dump()))
     understood = {u.item_id: _understanding(u) for u in store.list_understandings([item.id for item in items])}
     return [ItemDetails(**item.model_dump(), scores=scores.get(item.id, []), understanding=understood.get(item.id))

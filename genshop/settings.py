@@ -63,6 +63,8 @@ class Settings(BaseModel):
                                                          "mapping) and GENSHOP_API_TOKENS ('alice:TOKEN,bob:TOKEN')")
     api_max_queued: int = Field(description="GENSHOP_API_MAX_QUEUED: queued briefs one designer may have")
     api_max_upload_bytes: int = Field(description="GENSHOP_API_MAX_UPLOAD_BYTES: largest request body (image uploads)")
+    api_queue_admins: frozenset[str] = Field(default=frozenset(), description="GENSHOP_API_QUEUE_ADMINS: designers "
+                                             "who may pause and resume the whole queue through the API (comma-separated)")
     api_public_docs: bool = Field(default=False, description="GENSHOP_API_PUBLIC_DOCS: 'true' serves /docs and "
                                                              "/openapi.json without a token (default: a token is needed)")
     api_cookie_secure: bool | None = Field(default=None, description="GENSHOP_API_COOKIE_SECURE: 'true'/'false' "
@@ -152,6 +154,7 @@ def get_settings() -> Settings:
         api_tokens=_api_tokens(),
         api_max_queued=int(_env("GENSHOP_API_MAX_QUEUED", "10")),
         api_max_upload_bytes=int(_env("GENSHOP_API_MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))),
+        api_queue_admins=frozenset(filter(None, (d.strip() for d in _env("GENSHOP_API_QUEUE_ADMINS", "").split(",")))),
         api_public_docs=bool(_flag("GENSHOP_API_PUBLIC_DOCS", "false")),
         api_cookie_secure=_flag("GENSHOP_API_COOKIE_SECURE", "auto"),
     )

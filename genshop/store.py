@@ -13,9 +13,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, delete, event, func, select, update)
+                        UniqueConstraint, create_engine, delete, event, func, literal, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -24,11 +24,16 @@ from genshop.images import LocalImageStore, open_image_store
 
 ImageStore = LocalImageStore  # the local folder store, by its former name
 
-BriefStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+BriefStatus = Literal["queued", "paused", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+WAITING_STATUSES = ("queued", "paused")  # not started yet: what a designer's queued-brief limit counts
+PickChoice = Literal["picked", "rejected"]
 THREADS_PER_PROCESS = 8  # the most threads one process (the API server's pool) uses the store from at once
 MAX_COUNT = 10**15  # funnel counts: far above any shop's, far below BIGINT's 2**63 (sums of many rows stay in int64)
 QUEUE_LOCK_KEY = 1_701_000_017  # PostgreSQL advisory lock namespace of the per-designer queued-brief count
+PAUSE_LOCK_KEY = 1_701_000_023  # PostgreSQL advisory lock of queue pauses: pause/resume exclusive, submit/start shared
+ALL_SCOPE = "all"  # the queue_pauses scope of the whole queue; a designer's is "designer:<name>"
+QUEUE_RANKS = 5  # places counted in a designer's queue (genshop.queueing): the 5th queued and later share one
 ITEM_NAMESPACE = uuid.UUID("5f0c2a1e-6d3b-4c8e-9a7f-2b1d0e4c6a90")
 
 
@@ -62,6 +67,35 @@ class BriefRow(Base):
     # who submitted it through the HTTP API (None: from the CLI); migration 0003 moved it here
     # from a table of its own (brief_designers)
     designer: Mapped[str | None] = mapped_column(String(64), index=True)
+    # the brief's `priority` (also in spec), a column so a designer's place in the queue is one count (0004)
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+
+
+class QueuePauseRow(Base):
+    """A pause of the generation queue: the whole queue (scope ``all``) or one designer's briefs
+    (``designer:<name>``). While one covers a brief it is not started (status ``paused``); migration 0004."""
+
+    __tablename__ = "queue_pauses"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PickRow(Base):
+    """A designer's choice on a generated variant for one customer group: picked or rejected
+    (the gallery's marks; ``genshop picks export`` makes them impressions, source ``manual``; 0004)."""
+
+    __tablename__ = "picks"
+    __table_args__ = (UniqueConstraint("item_id", "group_id", "designer", name="uq_pick_item_group_designer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    brief_id: Mapped[str] = mapped_column(ForeignKey("briefs.id", ondelete="CASCADE"), index=True)
+    designer: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str] = mapped_column(String(64))
+    choice: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class BriefRunRow(Base):
@@ -196,6 +230,7 @@ class BriefRecord(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    designer: str | None = Field(default=None, description="who submitted it through the API; None: the CLI")
 
     @property
     def is_terminal(self) -> bool:
@@ -268,6 +303,55 @@ class UnderstandingRecord(NewUnderstanding):
     created_at: datetime
 
 
+class PickRecord(BaseModel):
+    item_id: str
+    brief_id: str
+    designer: str
+    group_id: str
+    choice: PickChoice
+    created_at: datetime
+    updated_at: datetime
+
+
+ItemSort = Literal["newest", "oldest", "score", "seed"]
+
+
+class ItemQuery(BaseModel):
+    """Which of a designer's generated items to list, and in what order (``Store.find_items``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    text: str | None = Field(default=None, min_length=1, max_length=200, description="in the prompt, any case")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    model: str | None = Field(default=None, pattern=r"^(base|lora:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$",
+                              description="'base', or 'lora:G' for group G's LoRA")
+    status: BriefStatus | None = Field(default=None, description="the brief's status")
+    group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                              description="the group whose reward min_score and sort=score use")
+    min_score: float | None = Field(default=None, ge=-1e6, le=1e6)
+    since: datetime | None = None
+    until: datetime | None = None
+    sort: ItemSort = "newest"
+    limit: int = Field(default=24, ge=1, le=200)
+    offset: int = Field(default=0, ge=0, le=10**9)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """A date or a time without an offset is UTC (the store's times are)."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    def issues(self) -> list[tuple[str, str]]:
+        """What the fields allow one by one but not together: (field, message)."""
+        if self.group is None and (self.min_score is not None or self.sort == "score"):
+            return [("group", "min_score and sort=score need the group whose reward they use")]
+        if self.since and self.until and self.since > self.until:
+            return [("until", "is before since")]
+        return []
+
+
 class ExperimentRecord(BaseModel):
     id: str
     manifest: dict[str, Any] = Field(description="the export's manifest.json, as written")
@@ -307,13 +391,19 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _pause_covers(designer):
+    """Whether a pause covers a brief of ``designer`` (a column or a literal): the whole queue's or theirs."""
+    return select(QueuePauseRow.scope).where(
+        (QueuePauseRow.scope == ALL_SCOPE) | (QueuePauseRow.scope == literal("designer:").concat(designer))).exists()
+
+
 def _to_record(row: BriefRow) -> BriefRecord:
     return BriefRecord(
         id=row.id, client_reference=row.client_reference, title=row.title, brief=Brief.model_validate(row.spec),
         preset=row.preset, status=row.status, error=row.error, progress=row.progress or {}, task_id=row.task_id,
         attempts=row.attempts, cancel_requested=row.cancel_requested, created_at=row.created_at,
         enqueued_at=row.enqueued_at, updated_at=row.updated_at, started_at=row.started_at,
-        finished_at=row.finished_at,
+        finished_at=row.finished_at, designer=row.designer,
     )
 
 
@@ -365,16 +455,20 @@ class Store:
             id=uuid.uuid4().hex, client_reference=brief.client_reference, title=brief.title,
             spec=brief.model_dump(mode="json"), preset=preset, status="queued", progress={}, attempts=0,
             cancel_requested=False, created_at=utcnow(), updated_at=utcnow(), designer=designer,
+            priority=brief.priority,
         )
         try:
             with self.sessions.begin() as session:
+                self._lock_pauses(session, exclusive=False)
                 if designer is not None and max_queued is not None:
                     self._lock_designer_queue(session, designer)
-                    queued = session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow), "queued",
-                                                               designer)) or 0
+                    queued = session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow),
+                                                               WAITING_STATUSES, designer)) or 0
                     if queued >= max_queued:
                         raise QueueLimitError(f"designer {designer!r} already has {queued} queued briefs "
                                               f"(the limit is {max_queued}); wait for some to start")
+                if session.scalar(select(_pause_covers(literal(designer, String)))):
+                    row.status = "paused"  # queued when the pause ends (genshop.queueing.resume)
                 session.add(row)
         except IntegrityError:
             existing = self.find_by_reference(brief.client_reference) if brief.client_reference else None
@@ -384,13 +478,84 @@ class Store:
         return _to_record(row), True
 
     def _lock_designer_queue(self, session, designer: str) -> None:
-        """Held until the transaction ends: the first statement of ``session``'s transaction."""
+        """PostgreSQL's ``pg_advisory_xact_lock`` on the designer, held until the transaction ends
+        (on SQLite ``_lock_pauses`` already holds the database's write lock)."""
+        if self.engine.dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY, func.hashtext(designer))))
+
+    def _lock_pauses(self, session, exclusive: bool) -> None:
+        """The first statement of ``session``'s transaction, held until it ends: pausing and resuming
+        (``exclusive``) exclude submitting and starting briefs, which do not exclude each other.
+        SQLite: ``BEGIN IMMEDIATE``, the database's write lock (pysqlite would begin lazily, before
+        the first write, leaving the reads outside the transaction; busy_timeout waits for it).
+        PostgreSQL: an advisory transaction lock, shared or exclusive."""
         if self.engine.dialect.name == "sqlite":
-            # pysqlite opens its transaction lazily, before the first write: the count would run
-            # outside it. BEGIN IMMEDIATE takes the write lock now (busy_timeout waits for it).
             session.connection().exec_driver_sql("BEGIN IMMEDIATE")
         elif self.engine.dialect.name == "postgresql":
-            session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY, func.hashtext(designer))))
+            lock = func.pg_advisory_xact_lock if exclusive else func.pg_advisory_xact_lock_shared
+            session.execute(select(lock(PAUSE_LOCK_KEY)))
+
+    # -- queue control: priority places, pauses, clearing ----------------------------------
+    def queue_place(self, record: BriefRecord) -> int:
+        """How many of the brief's designer's queued briefs of its priority were submitted before it
+        (counted up to ``QUEUE_RANKS - 1``): its place in that designer's line."""
+        ahead = (select(BriefRow.id).where(
+            BriefRow.status == "queued", BriefRow.priority == record.brief.priority, BriefRow.id != record.id,
+            BriefRow.created_at <= record.created_at,
+            BriefRow.designer.is_(None) if record.designer is None else BriefRow.designer == record.designer)
+            .limit(QUEUE_RANKS - 1).subquery())
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(ahead)) or 0
+
+    def pause_queue(self, designer: str | None) -> list[BriefRecord]:
+        """Pause the whole queue (``designer`` None) or one designer's briefs: every queued brief it
+        covers becomes ``paused`` (and any submitted while it lasts). Returns those briefs; their
+        queue messages are for the caller to withdraw (a worker given one starts nothing)."""
+        scope = ALL_SCOPE if designer is None else f"designer:{designer}"
+        with self.sessions.begin() as session:
+            self._lock_pauses(session, exclusive=True)
+            if session.get(QueuePauseRow, scope) is None:
+                session.add(QueuePauseRow(scope=scope, paused_at=utcnow()))
+                session.flush()
+            rows = list(session.scalars(select(BriefRow).where(BriefRow.status == "queued",
+                                                              _pause_covers(BriefRow.designer))
+                                        .order_by(BriefRow.created_at).with_for_update()))
+            for row in rows:
+                row.status = "paused"
+            return [_to_record(row) for row in rows]
+
+    def resume_queue(self, designer: str | None) -> list[BriefRecord]:
+        """End a pause: the paused briefs no other pause covers are queued again (re-stamped as
+        enqueued now), oldest first; the caller puts them on the queue."""
+        scope = ALL_SCOPE if designer is None else f"designer:{designer}"
+        with self.sessions.begin() as session:
+            self._lock_pauses(session, exclusive=True)
+            session.execute(delete(QueuePauseRow).where(QueuePauseRow.scope == scope))
+            rows = list(session.scalars(select(BriefRow).where(BriefRow.status == "paused",
+                                                              ~_pause_covers(BriefRow.designer))
+                                        .order_by(BriefRow.created_at).with_for_update()))
+            now = utcnow()
+            for row in rows:
+                row.status, row.enqueued_at = "queued", now
+            return [_to_record(row) for row in rows]
+
+    def queue_pauses(self) -> list[str]:
+        """The pauses in force: ``all`` and/or ``designer:<name>``."""
+        with self.sessions() as session:
+            return list(session.scalars(select(QueuePauseRow.scope).order_by(QueuePauseRow.scope)))
+
+    def clear_queue(self, designer: str | None) -> list[BriefRecord]:
+        """Cancel every queued or paused brief of ``designer`` (None: the CLI's) in one transaction."""
+        with self.sessions.begin() as session:
+            self._lock_pauses(session, exclusive=True)
+            rows = list(session.scalars(select(BriefRow).where(
+                BriefRow.status.in_(WAITING_STATUSES),
+                BriefRow.designer.is_(None) if designer is None else BriefRow.designer == designer)
+                .order_by(BriefRow.created_at).with_for_update()))
+            now = utcnow()
+            for row in rows:
+                row.status, row.cancel_requested, row.finished_at = "cancelled", True, now
+            return [_to_record(row) for row in rows]
 
     def designer_of(self, brief_id: str) -> str | None:
         with self.sessions() as session:
@@ -419,13 +584,15 @@ class Store:
             query = query.order_by(BriefRow.created_at.desc() if newest_first else BriefRow.created_at)
             return [_to_record(r) for r in session.scalars(query.offset(offset).limit(limit))]
 
-    def count_briefs(self, status: str | None = None, designer: str | None = None) -> int:
+    def count_briefs(self, status: str | tuple[str, ...] | None = None, designer: str | None = None) -> int:
         with self.sessions() as session:
             return session.scalar(self._briefs_where(select(func.count()).select_from(BriefRow), status, designer)) or 0
 
     @staticmethod
-    def _briefs_where(query, status: str | None, designer: str | None, title: str | None = None):
-        if status:
+    def _briefs_where(query, status: str | tuple[str, ...] | None, designer: str | None, title: str | None = None):
+        if isinstance(status, tuple):
+            query = query.where(BriefRow.status.in_(status))
+        elif status:
             query = query.where(BriefRow.status == status)
         if title is not None:
             query = query.where(BriefRow.title == title)
@@ -473,14 +640,19 @@ class Store:
         return claimed
 
     def start_attempt(self, brief_id: str, max_attempts: int) -> BriefRecord:
-        """Mark a delivery of the brief as running. A brief already finished, or
-        cancelled, is returned unchanged; one delivered more than ``max_attempts``
+        """Mark a delivery of the brief as running. A brief already finished, cancelled or
+        paused is returned unchanged (a queued one a pause covers becomes paused); one delivered more than ``max_attempts``
         times (its workers died) is failed."""
         with self.sessions.begin() as session:
+            self._lock_pauses(session, exclusive=False)
             row = session.get(BriefRow, brief_id, with_for_update=True)
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
-            if row.status in TERMINAL_STATUSES:
+            if row.status in TERMINAL_STATUSES or row.status == "paused":
+                return _to_record(row)
+            if row.status == "queued" and not row.cancel_requested and session.scalar(
+                    select(_pause_covers(BriefRow.designer)).where(BriefRow.id == brief_id)):
+                row.status = "paused"  # a message the pause could not withdraw: resuming sends a new one
                 return _to_record(row)
             if row.cancel_requested:
                 row.status, row.finished_at = "cancelled", utcnow()
@@ -561,7 +733,7 @@ class Store:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             if row.status not in TERMINAL_STATUSES:
                 row.cancel_requested = True
-                if row.status == "queued":
+                if row.status in WAITING_STATUSES:
                     row.status, row.finished_at = "cancelled", utcnow()
             return _to_record(row)
 
@@ -600,6 +772,73 @@ class Store:
             rows = session.scalars(select(ItemRow).where(ItemRow.id.in_(item_ids)))
             return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
 
+    def find_items(self, designer: str, query: ItemQuery) -> tuple[list[ItemRecord], int]:
+        """The designer's generated items that match ``query``, one page in its order, and how many
+        match in all. Sorting by score uses the group's best score (one per reward model)."""
+        score = (select(ScoreRow.item_id, func.max(ScoreRow.score).label("score"))
+                 .where(ScoreRow.group_id == query.group).group_by(ScoreRow.item_id).subquery())
+        where = [BriefRow.designer == designer]
+        if query.text:
+            escaped = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append(ItemRow.prompt.ilike(f"%{escaped}%", escape="\\"))
+        if query.seed is not None:
+            where.append(ItemRow.seed == query.seed)
+        if query.model == "base":
+            where.append(~ItemRow.model_id.contains("+lora:", autoescape=True))
+        elif query.model:
+            where.append(ItemRow.model_id.endswith(f"+{query.model}", autoescape=True))
+        if query.status:
+            where.append(BriefRow.status == query.status)
+        if query.since:
+            where.append(ItemRow.created_at >= query.since)
+        if query.until:
+            where.append(ItemRow.created_at <= query.until)
+        if query.min_score is not None:
+            where.append(score.c.score >= query.min_score)
+        base = select(ItemRow).join(BriefRow, BriefRow.id == ItemRow.brief_id)
+        if query.group is not None:
+            base = base.outerjoin(score, score.c.item_id == ItemRow.id)
+        base = base.where(*where)
+        order = {"newest": [ItemRow.created_at.desc(), ItemRow.variant], "oldest": [ItemRow.created_at, ItemRow.variant],
+                 "seed": [ItemRow.seed, ItemRow.created_at.desc()],
+                 "score": [score.c.score.is_(None), score.c.score.desc(), ItemRow.created_at.desc()]}[query.sort]
+        with self.sessions() as session:
+            total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
+            rows = session.scalars(base.order_by(*order, ItemRow.id).offset(query.offset).limit(query.limit))
+            return [ItemRecord.model_validate(r, from_attributes=True) for r in rows], total
+
+    # -- picks: designers' choices on variants ------------------------------------------
+    def set_picks(self, item_id: str, designer: str, groups: list[str], choice: PickChoice | None) -> list[PickRecord]:
+        """Record the designer's choice on an item for each of ``groups`` (None: withdraw it); a new
+        choice for an item and group replaces the one before. Returns the item's picks by the designer."""
+        item = self.get_items([item_id])
+        if not item:
+            raise LookupError(f"no item with id {item_id!r}")
+        now = utcnow()
+        with self.sessions.begin() as session:
+            if choice is None:
+                session.execute(delete(PickRow).where(PickRow.item_id == item_id, PickRow.designer == designer,
+                                                      PickRow.group_id.in_(groups)))
+            else:
+                rows = [{"item_id": item_id, "brief_id": item[0].brief_id, "designer": designer, "group_id": group,
+                         "choice": choice, "created_at": now, "updated_at": now} for group in groups]
+                session.execute(self._insert()(PickRow).values(rows).on_conflict_do_update(
+                    index_elements=["item_id", "group_id", "designer"], set_={"choice": choice, "updated_at": now}))
+        return self.list_picks(designer=designer, item_ids=[item_id])
+
+    def list_picks(self, designer: str | None = None, brief_ids: list[str] | None = None,
+                   item_ids: list[str] | None = None) -> list[PickRecord]:
+        query = select(PickRow)
+        if designer is not None:
+            query = query.where(PickRow.designer == designer)
+        if brief_ids is not None:
+            query = query.where(PickRow.brief_id.in_(brief_ids))
+        if item_ids is not None:
+            query = query.where(PickRow.item_id.in_(item_ids))
+        with self.sessions() as session:
+            rows = session.scalars(query.order_by(PickRow.brief_id, PickRow.group_id, PickRow.item_id))
+            return [PickRecord.model_validate(r, from_attributes=True) for r in rows]
+
     # -- scores -----------------------------------------------------------------------
     def add_scores(self, scores: list[NewScore]) -> int:
         """Insert scores, skipping (item, group, model) triples already scored."""
@@ -611,6 +850,11 @@ class Store:
             index_elements=["item_id", "group_id", "reward_model"]).returning(ScoreRow.id))
         with self.sessions.begin() as session:
             return len(session.execute(statement).all())
+
+    def list_item_scores(self, item_ids: list[str]) -> list[ScoreRecord]:
+        with self.sessions() as session:
+            rows = session.scalars(select(ScoreRow).where(ScoreRow.item_id.in_(item_ids)).order_by(ScoreRow.group_id))
+            return [ScoreRecord.model_validate(r, from_attributes=True) for r in rows]
 
     def list_scores(self, brief_id: str) -> list[ScoreRecord]:
         with self.sessions() as session:

@@ -316,7 +316,9 @@ def encoder_dir(request) -> Path:
 
 
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (ignored by git)
-API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol", "dana": "token-dana"}
+API_TOKENS = {"alice": "token-alice", "bob": "token-bob", "carol": "token-carol", "dana": "token-dana",
+              "erin": "token-erin", "fay": "token-fay"}
+QUEUE_ADMIN = "fay"  # may pause the whole queue through the API (GENSHOP_API_QUEUE_ADMINS)
 
 
 def write_random_group_adapter(folder: Path, preset: str = "tiny-random", group: str = "A", seed: int = 0,
@@ -382,7 +384,8 @@ def api_service(tmp_path_factory, models_dir, open_clip_dir):
         home / "reward")
     env = make_env(home, models_dir, GENSHOP_REWARD_MODEL=str(reward_dir), GENSHOP_EMBEDDING_MODEL=str(open_clip_dir),
                    GENSHOP_UNDERSTANDING="off", GENSHOP_SCORE_QUEUE=f"test-score-{uuid.uuid4().hex[:10]}",
-                   GENSHOP_API_TOKENS=",".join(f"{d}:{t}" for d, t in API_TOKENS.items()), GENSHOP_API_MAX_QUEUED="2")
+                   GENSHOP_API_TOKENS=",".join(f"{d}:{t}" for d, t in API_TOKENS.items()), GENSHOP_API_MAX_QUEUED="2",
+                   GENSHOP_API_QUEUE_ADMINS=QUEUE_ADMIN)
     from genshop.settings import get_settings
 
     with pytest.MonkeyPatch.context() as patch:  # the tiny-random weights are built in models_dir

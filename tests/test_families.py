@@ -50,9 +50,9 @@ class FamilyService:
         """A brief stored and queued by the service functions the CLI and the API call (no
         interpreter start per brief); the worker takes it from the real queue."""
         record, _ = submit_brief(self.store, parse_brief({"title": "Women's red kurta", **fields}), self.preset)
-        record = enqueue_brief(self.store, record.id, lambda brief_id: self.celery.send_task(
+        record = enqueue_brief(self.store, record.id, lambda brief_id, priority: self.celery.send_task(
             "genshop.generate_brief", args=[brief_id], task_id=f"generate-{brief_id}",
-            queue=self.env["GENSHOP_QUEUE"]).id)
+            queue=self.env["GENSHOP_QUEUE"], priority=priority).id)
         return AsyncResult(record.task_id, app=self.celery)
 
     def submit_wait(self, **fields) -> dict:

@@ -125,3 +125,62 @@ def test_sign_in_sets_an_httponly_cookie_the_page_cannot_read_and_sign_out_clear
     page.reload()
     page.wait_for_selector("#login", state="visible")
     assert page.is_hidden("#app")
+
+
+def test_the_gallery_submits_at_the_front_pauses_picks_and_browses(page, api_service):
+    """The queue controls, the pick buttons and the browse filters, in the page; each checked against the API."""
+    import httpx
+
+    server, _ = api_service
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_TOKENS['carol']}"}, timeout=30)
+    sign_in(page, "carol")
+    page.click("#queue-pause")
+    page.wait_for_selector("#queue-state[data-paused=true]")
+    form = "#brief-form"
+    page.fill(f"{form} [name=title]", "Men's green polo")
+    page.fill(f"{form} [name=groups]", "A")
+    page.fill(f"{form} [name=variants]", "3")
+    page.fill(f"{form} [name=steps]", "2")
+    page.fill(f"{form} [name=seed]", "40")
+    page.check(f"{form} [name=front]")
+    page.click(f"{form} button[type=submit]")
+    page.wait_for_selector("#brief-status.paused")
+    brief_id = page.get_attribute("#brief-view", "data-brief-id")
+    assert api.get(f"/api/briefs/{brief_id}").json()["brief"]["priority"] == "high"
+    page.wait_for_selector("#queue-state:has-text('1 paused')")
+    page.click("#queue-resume")
+    page.wait_for_selector("#queue-state[data-paused=false]")
+    page.wait_for_selector("#brief-status.succeeded", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant').length === 3", timeout=30_000)
+
+    cards = page.locator("#variants .variant")
+    cards.nth(0).locator("button[data-choice=picked]").click()  # for the brief's target group A
+    page.wait_for_selector("#variants .variant[data-picks='A:picked']")
+    cards.nth(1).locator(".pick-group").fill("B")
+    cards.nth(1).locator("button[data-choice=rejected]").click()
+    page.wait_for_selector("#variants .variant[data-picks='B:rejected']")
+    cards.nth(2).locator(".pick-group").fill("no such group")
+    cards.nth(2).locator("button[data-choice=picked]").click()
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant')[2].querySelector('.pick .error')"
+                           ".textContent.startsWith('group')")
+    marks = {i["variant"]: i["picks"] for i in api.get(f"/api/briefs/{brief_id}/items").json()}
+    assert marks == {0: [{"group_id": "A", "choice": "picked"}], 1: [{"group_id": "B", "choice": "rejected"}], 2: []}
+
+    browse = "#browse-form"
+    page.fill(f"{browse} [name=text]", "green polo")
+    page.select_option(f"{browse} [name=sort]", "seed")
+    page.click(f"{browse} button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#found .variant').length === 3")
+    seeds = page.locator("#found .variant figcaption").all_inner_texts()
+    assert [int(s.split("seed ")[1].split(" ")[0]) for s in seeds] == [40, 41, 42]
+    assert page.inner_text("#found-total") == "1–3 of 3"
+    page.fill(f"{browse} [name=seed]", "41")
+    page.click(f"{browse} button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#found .variant').length === 1")
+    assert page.get_attribute("#found .variant", "data-picks") == "B:rejected"
+    page.fill(f"{browse} [name=seed]", "")
+    page.select_option(f"{browse} [name=sort]", "score")
+    page.click(f"{browse} button[type=submit]")
+    page.wait_for_selector("#browse-error:has-text('group')")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gallery-queue-picks-browse.png"), full_page=True)

@@ -103,7 +103,9 @@ def test_db_commands_and_the_refusal_at_start(tmp_path, models_dir):
     env = make_env(tmp_path / "home", models_dir, GENSHOP_DATABASE_URL=url, GENSHOP_API_TOKENS="alice:secret-token")
     pre_migration_database(url)
     history = invoke_cli(["db", "history"], env)
-    assert history.returncode == 0 and history.stdout.splitlines()[0].startswith(f"0002 -> {db.head_revision()} (head)")
+    head = db.history()[0]
+    assert history.returncode == 0 and history.stdout.splitlines()[0].startswith(
+        f"{head.down_revision} -> {head.revision} (head)")
     assert "<base> -> 0001" in history.stdout
     assert invoke_cli(["db", "current"], env).stdout.strip() == f"0001 (behind {db.head_revision()}: run `genshop db upgrade`)"
     refused = {**env, "GENSHOP_DB_AUTO_UPGRADE": "false"}

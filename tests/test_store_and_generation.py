@@ -158,7 +158,7 @@ def test_stale_unfinished_briefs_are_requeued_once_per_sweep(store):
     fresh, _ = submit_brief(store, parse_brief({"title": "just submitted"}), "tiny-random")
     store.mark_enqueued(fresh.id, "generate-z")
 
-    def enqueue(brief_id: str) -> str:
+    def enqueue(brief_id: str, priority: int) -> str:
         sent.append(brief_id)
         return f"generate-{brief_id}"
 
@@ -238,6 +238,6 @@ def test_the_sweep_leaves_briefs_whose_message_the_broker_holds(store):
         return {waiting.id} & set(brief_ids)
 
     sent = []
-    assert requeue_stale(store, lambda b: sent.append(b) or f"generate-{b}", 0.2, in_broker, lease_s=60,
+    assert requeue_stale(store, lambda b, _priority: sent.append(b) or f"generate-{b}", 0.2, in_broker, lease_s=60,
                          recheck_s=0) == [lost.id] == sent
     assert looks == [sorted([waiting.id, lost.id]), [lost.id]]  # asked twice, the running brief never

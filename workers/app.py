@@ -12,6 +12,8 @@ Reliability settings, and why:
   (AOF or RDB on shutdown) for queued briefs to survive a Redis restart.
 - soft/hard time limits: the soft one raises inside the task (the brief is failed with
   the error); the hard one kills the process.
+- ``priority_steps`` 0..9: one Redis list per Celery priority, served in that order
+  (``genshop.queueing``: high before normal, each designer's briefs spread over the steps).
 - ``worker_proc_alive_timeout`` (``GENSHOP_PROCESS_START_TIMEOUT``): a new pool process
   loads its models in ``worker_process_init`` before it reports UP; Celery's 4 s default is
   shorter than that, so every replacement of a killed process was killed in turn and the
@@ -26,6 +28,7 @@ from functools import cache
 import redis
 from celery import Celery
 
+from genshop.queueing import PRIORITY_STEPS, queue_priority
 from genshop.settings import get_settings
 
 GENERATE_TASK = "genshop.generate_brief"
@@ -57,6 +60,7 @@ def create_app() -> Celery:
             # scan for a dead worker's unacked messages this often (kombu's default is ~100 s)
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            "priority_steps": PRIORITY_STEPS,  # every Celery priority its own list (kombu's default: 4 steps)
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
@@ -83,17 +87,18 @@ def check_broker() -> None:
         connection.ensure_connection(max_retries=2, interval_start=0, interval_step=0.2, interval_max=0.2)
 
 
-def enqueue_generation(brief_id: str) -> str:
-    """Put a stored brief on the generation queue; the task id is derived from the brief."""
+def enqueue_generation(brief_id: str, priority: int = queue_priority("normal", 0)) -> str:
+    """Put a stored brief on the generation queue at a Celery ``priority`` (0 is served first,
+    ``genshop.queueing``); the task id is derived from the brief."""
     task_id = generation_task_id(brief_id)
-    app.send_task(GENERATE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().queue)
+    app.send_task(GENERATE_TASK, args=[brief_id], task_id=task_id, queue=get_settings().queue, priority=priority)
     return task_id
 
 
-def enqueue_new_brief(brief_id: str) -> str:
+def enqueue_new_brief(brief_id: str, priority: int = queue_priority("normal", 0)) -> str:
     """``enqueue_generation`` for a brief just submitted: a broker that is down fails at once."""
     check_broker()
-    return enqueue_generation(brief_id)
+    return enqueue_generation(brief_id, priority)
 
 
 PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: queue "q" at priority p is the list "q\x06\x16p"
@@ -105,12 +110,32 @@ def _broker_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
+def _generation_lists() -> list[str]:
+    """The Redis lists of the generate queue, one per priority step (step 0 is the queue's own name)."""
+    queue = get_settings().queue
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{p}" for p in PRIORITY_STEPS[1:]]
+
+
+def withdraw_generation_messages(brief_ids: list[str]) -> int:
+    """Remove the briefs' waiting generation messages from Redis (a pause, a clear); returns how
+    many. A message a worker has already taken is not touched: the store tells that worker not
+    to run the brief."""
+    wanted = {generation_task_id(brief_id) for brief_id in brief_ids}
+    client, removed = _broker_client(get_settings().broker_url), 0
+    for key in _generation_lists():
+        for raw in client.lrange(key, 0, -1):
+            message = json.loads(raw)
+            if isinstance(message, dict) and message.get("headers", {}).get("id") in wanted:
+                removed += client.lrem(key, 1, raw)
+    return removed
+
+
 def generation_task_ids_in_broker() -> set[str]:
     """Ids of the generation tasks whose message Redis holds: waiting in the generate queue
     (any priority) or delivered to a worker and not yet acknowledged. Read in one MULTI, so
     a message moving from the queue to a worker is seen in one place or the other."""
     settings = get_settings()
-    keys = [settings.queue] + [f"{settings.queue}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10)]
+    keys = _generation_lists()
     with _broker_client(settings.broker_url).pipeline(transaction=True) as pipe:
         for key in keys:
             pipe.lrange(key, 0, -1)

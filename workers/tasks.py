@@ -218,6 +218,8 @@ def generate_brief(self, brief_id: str) -> dict:
                        owner=lease_owner(self.request.hostname, os.getpid()), lease_s=settings.lease_timeout)
     if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
         raise Ignore()  # acknowledged, and the running delivery's task state is left to it
+    if record.status == "paused":  # a pause covers it: resuming the queue sends it a new message
+        raise Ignore()
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
     if record.status == "succeeded":
         result.update(queue_followups(store, record))

@@ -24,7 +24,7 @@ import uuid
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
@@ -37,16 +37,18 @@ from pydantic import BaseModel, Field
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
 from genshop.experiments.manifest import Arms, ExperimentInputError, Manifest
-from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, enqueue_brief, item_details,
-                             submit_brief)
+from genshop.queueing import QueueState, clear, pause, queue_state, resume
+from genshop.service import (ItemDetails, ItemScore, cancel_brief, counterparts, details_of, enqueue_brief,
+                             item_details, submit_brief)
 from genshop.settings import Settings, get_settings
-from genshop.store import THREADS_PER_PROCESS, BriefRecord, QueueLimitError, Store, UnknownBriefError
+from genshop.store import (THREADS_PER_PROCESS, WAITING_STATUSES, BriefRecord, BriefStatus, ItemQuery,
+                           PickChoice, QueueLimitError, Store, UnknownBriefError)
 from genshop.understanding.index import IndexInputError, VectorIndex
 from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
 from genshop.web.auth import TOKEN_COOKIE, current_designer, designer_for_token
 from genshop.web.limits import BodySizeLimit
 from genshop.web.security import SecurityHeaders
-from workers.app import enqueue_new_brief, revoke_task
+from workers.app import check_broker, enqueue_generation, enqueue_new_brief, revoke_task, withdraw_generation_messages
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEARCH_K = 100
@@ -65,9 +67,49 @@ class Counterpart(BaseModel):
     scores: list[ItemScore]
 
 
+class PickView(BaseModel):
+    group_id: str
+    choice: PickChoice
+
+
 class ItemView(ItemDetails):
     image_url: str
     counterparts: list[Counterpart]
+    picks: list[PickView] = Field(description="the designer's marks on this variant, per group")
+
+
+class FoundItem(ItemDetails):
+    image_url: str
+    brief_title: str
+    brief_status: BriefStatus
+    picks: list[PickView]
+
+
+class ItemPage(BaseModel):
+    total: int = Field(description="items matching the filters, all pages")
+    items: list[FoundItem]
+
+
+class PickRequest(BaseModel):
+    """A designer's mark on a variant: ``picked``, ``rejected``, or null to withdraw it; for one
+    group, or (``group`` null) for each of the brief's target groups."""
+
+    model_config = {"extra": "forbid"}
+
+    choice: PickChoice | None
+    group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class QueueScope(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    scope: Literal["mine", "all"] = Field(default="mine", description="the designer's own briefs, or the whole "
+                                          "queue (designers of GENSHOP_API_QUEUE_ADMINS only)")
+
+
+class QueueAction(BaseModel):
+    brief_ids: list[str] = Field(description="the briefs paused, queued again or cancelled")
+    queue: QueueState
 
 
 class SearchHitView(BaseModel):
@@ -134,7 +176,7 @@ router = APIRouter(prefix="/api", dependencies=[Depends(current_designer)])
 @router.get("/me", response_model=Designer)
 def me(designer: str = Depends(current_designer), store: Store = Depends(get_store),
        settings: Settings = Depends(get_app_settings)) -> Designer:
-    return Designer(designer=designer, queued=store.count_briefs("queued", designer),
+    return Designer(designer=designer, queued=store.count_briefs(WAITING_STATUSES, designer),
                     max_queued=settings.api_max_queued)
 
 
@@ -165,7 +207,7 @@ def submit(brief: Brief, response: Response, designer: str = Depends(current_des
 
 
 @router.get("/briefs", response_model=list[BriefRecord])
-def list_briefs(status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+def list_briefs(status: BriefStatus | None = None,
                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_LIST_OFFSET),
                 designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> list[BriefRecord]:
     """The designer's briefs, newest first, a page at a time."""
@@ -194,11 +236,111 @@ def brief_items(record: BriefRecord = Depends(owned_brief), designer: str = Depe
     siblings = [b.id for b in store.list_briefs(designer=designer, title=record.title) if b.id != record.id]
     others = {i.id: i for brief_id in siblings for i in item_details(store, brief_id)}
     pairs = counterparts(items, list(others.values()))
+    picks = picks_by_item(store, designer, [item.id for item in items])
     return [ItemView(**item.model_dump(), image_url=image_url(item.id),
                      counterparts=[Counterpart(id=o.id, brief_id=o.brief_id, model_id=o.model_id,
                                                image_url=image_url(o.id), scores=others[o.id].scores)
-                                   for o in pairs[item.id]])
+                                   for o in pairs[item.id]], picks=picks.get(item.id, []))
             for item in items]
+
+
+def picks_by_item(store: Store, designer: str, item_ids: list[str]) -> dict[str, list[PickView]]:
+    found: dict[str, list[PickView]] = {}
+    for pick in store.list_picks(designer=designer, item_ids=item_ids):
+        found.setdefault(pick.item_id, []).append(PickView(group_id=pick.group_id, choice=pick.choice))
+    return found
+
+
+@router.get("/items", response_model=ItemPage)
+def find_items(query: Annotated[ItemQuery, Query()], designer: str = Depends(current_designer),
+               store: Store = Depends(get_store)) -> ItemPage:
+    """The designer's generated variants across briefs, filtered (prompt text, seed, model, brief status,
+    date, a group's minimum reward) and sorted (newest, oldest, a group's score, seed), a page at a time."""
+    if issues := query.issues():
+        raise field_errors(issues, "query")
+    items, total = store.find_items(designer, query)
+    briefs = {b.id: b for b in (store.get_brief(brief_id) for brief_id in {item.brief_id for item in items})}
+    picks = picks_by_item(store, designer, [item.id for item in items])
+    return ItemPage(total=total, items=[
+        FoundItem(**item.model_dump(), image_url=image_url(item.id), brief_title=briefs[item.brief_id].title,
+                  brief_status=briefs[item.brief_id].status, picks=picks.get(item.id, []))
+        for item in details_of(store, items)])
+
+
+@router.put("/items/{item_id}/pick", response_model=list[PickView],
+            responses={404: {"description": "no such item of this designer"}})
+def pick(item_id: str, body: PickRequest, request: Request, designer: str = Depends(current_designer),
+         store: Store = Depends(get_store)) -> list[PickView]:
+    """Mark a variant picked or rejected (or withdraw the mark) for a group, or for each of the
+    brief's target groups; the marks become preference data (``genshop picks export``)."""
+    found = store.get_items([item_id]) if RECORD_ID.fullmatch(item_id) else []
+    if not found or store.designer_of(found[0].brief_id) != designer:
+        raise HTTPException(404, f"no item with id {item_id[:64]!r}")
+    targets = store.get_brief(found[0].brief_id).brief.groups
+    if body.group and body.group not in targets and body.group not in known_groups(request.app.state.settings):
+        raise field_errors([("group", f"{body.group!r} is neither a target group of the brief nor in groups.yaml")])
+    groups = [body.group] if body.group else targets
+    if not groups:
+        raise field_errors([("group", "the brief has no target groups: say which group this choice is for")])
+    store.set_picks(item_id, designer, groups, body.choice)
+    return picks_by_item(store, designer, [item_id]).get(item_id, [])
+
+
+@lru_cache(maxsize=2)
+def _groups_of(path: Path) -> frozenset[str]:
+    from reward.groups import load_groups
+
+    return frozenset(group.id for group in load_groups(path)) if path.is_file() else frozenset()
+
+
+def known_groups(settings: Settings) -> frozenset[str]:
+    """The customer groups of the configs' ``groups.yaml``, besides a brief's own target groups."""
+    return _groups_of(settings.configs_dir / "groups.yaml")
+
+
+# -- the queue ------------------------------------------------------------------------------
+def _queue_scope(body: QueueScope, designer: str, settings: Settings) -> str | None:
+    """The designer whose briefs an action is for, or None for the whole queue (admins only)."""
+    if body.scope == "mine":
+        return designer
+    if designer not in settings.api_queue_admins:
+        raise HTTPException(403, "only the designers of GENSHOP_API_QUEUE_ADMINS may pause or resume the whole queue")
+    return None
+
+
+@router.get("/queue", response_model=QueueState)
+def queue(designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> QueueState:
+    """Whether the whole queue or the designer's briefs are paused, and their queued and paused briefs."""
+    return queue_state(store, designer)
+
+
+@router.post("/queue/pause", response_model=QueueAction, responses={403: {"description": "scope all: not an admin"}})
+def pause_queue(body: QueueScope, designer: str = Depends(current_designer), store: Store = Depends(get_store),
+                settings: Settings = Depends(get_app_settings)) -> QueueAction:
+    """Hold the designer's queued briefs (or the whole queue's), and any submitted meanwhile; running ones finish."""
+    paused = pause(store, _queue_scope(body, designer, settings), withdraw_generation_messages)
+    return QueueAction(brief_ids=paused, queue=queue_state(store, designer))
+
+
+@router.post("/queue/resume", response_model=QueueAction,
+             responses={403: {"description": "scope all: not an admin"},
+                        503: {"description": "the queue cannot be reached; nothing changed"}})
+def resume_queue(body: QueueScope, designer: str = Depends(current_designer), store: Store = Depends(get_store),
+                 settings: Settings = Depends(get_app_settings)) -> QueueAction:
+    """End the pause: its briefs go back on the queue, each at its place."""
+    scope = _queue_scope(body, designer, settings)
+    try:
+        resumed = resume(store, scope, enqueue_generation, check_broker)
+    except Exception as exc:  # noqa: BLE001 - the broker's errors vary; check_broker runs before any change
+        raise HTTPException(503, f"the queue cannot be reached: {type(exc).__name__}") from None
+    return QueueAction(brief_ids=resumed, queue=queue_state(store, designer))
+
+
+@router.post("/queue/clear", response_model=QueueAction)
+def clear_queue(designer: str = Depends(current_designer), store: Store = Depends(get_store)) -> QueueAction:
+    """Cancel all of the designer's queued and paused briefs in one call."""
+    cleared = clear(store, designer, withdraw_generation_messages)
+    return QueueAction(brief_ids=cleared, queue=queue_state(store, designer))
 
 
 @router.get("/items/{item_id}/image", response_class=Response,
@@ -336,7 +478,7 @@ def sign_in(body: SessionRequest, request: Request, response: Response, store: S
         raise HTTPException(401, "the token is not valid", headers={"WWW-Authenticate": "Bearer"})
     response.set_cookie(TOKEN_COOKIE, body.token, path="/", httponly=True, samesite="strict",
                         secure=_secure_cookie(request, settings))
-    return Designer(designer=designer, queued=store.count_briefs("queued", designer),
+    return Designer(designer=designer, queued=store.count_briefs(WAITING_STATUSES, designer),
                     max_queued=settings.api_max_queued)
 
 

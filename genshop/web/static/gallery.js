@@ -1,4 +1,5 @@
-// The gallery: a brief form, live progress, the variants with their scores and attributes, search.
+// The gallery: a brief form, live progress, the variants with their scores and attributes, picks,
+// queue control (pause, resume, clear), browsing variants with filters and sort, search.
 // Everything goes through the same /api as any client. Signing in posts the token to /api/session,
 // which keeps it in an HttpOnly, SameSite=Strict cookie set by the server: this script never stores it.
 "use strict";
@@ -51,7 +52,7 @@ async function start() {
   const me = await response.json();
   $("#login").hidden = true; $("#app").hidden = false; $("#sign-out").hidden = false;
   showDesigner(me);
-  await listBriefs();
+  await Promise.all([listBriefs(), showQueue()]);
 }
 
 function showDesigner(me) {
@@ -60,8 +61,30 @@ function showDesigner(me) {
 
 async function refreshDesigner() {
   showDesigner((await api("/api/me")).body);
-  await listBriefs();
+  await Promise.all([listBriefs(), showQueue()]);
 }
+
+// -- my queue: pause, resume, clear --------------------------------------------------------
+function showQueueState(state) {
+  const mine = state.paused_designers.length > 0;
+  $("#queue-state").textContent = `${state.queued} queued · ${state.paused} paused`
+    + (mine ? " · my queue is paused" : "") + (state.paused_all ? " · the whole queue is paused" : "");
+  $("#queue-state").dataset.paused = String(mine);
+  $("#queue-pause").hidden = mine; $("#queue-resume").hidden = !mine;
+}
+
+async function showQueue() {
+  showQueueState((await api("/api/queue")).body);
+}
+
+async function queueAction(action) {
+  const { ok, body } = await api(`/api/queue/${action}`, action === "clear" ? { method: "POST" } : {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ scope: "mine" }),
+  });
+  $("#queue-error").textContent = ok ? "" : String(body?.detail ?? `${action} failed`);
+  if (ok) { showQueueState(body.queue); await refreshDesigner(); }
+}
+for (const action of ["pause", "resume", "clear"]) $(`#queue-${action}`).addEventListener("click", () => queueAction(action));
 
 $("#login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -80,6 +103,7 @@ function briefFromForm(form) {
     const value = String(raw).trim();
     if (!value) continue;
     if (key === "groups") brief.groups = value.split(",").map((g) => g.trim()).filter(Boolean);
+    else if (key === "front") brief.priority = "high";
     else if (["variants", "seed", "steps"].includes(key)) brief[key] = Number(value);
     else brief[key] = value;
   }
@@ -149,13 +173,15 @@ function scoresTable(scores) {
 function variantCard(item) {
   const images = el("div", { class: "images" },
     el("figure", {}, el("img", { src: item.image_url, alt: `variant ${item.variant}` }), modelLabel(item.model_id)));
-  for (const other of item.counterparts) {
+  for (const other of item.counterparts ?? []) {
     images.append(el("figure", { class: "counterpart" },
       el("img", { src: other.image_url, alt: `${modelLabel(other.model_id)} counterpart` }), modelLabel(other.model_id)));
   }
   const card = el("figure", { class: "variant", "data-item-id": item.id }, images,
-    el("figcaption", {}, `#${item.variant} · seed ${item.seed}`));
+    el("figcaption", {}, `#${item.variant} · seed ${item.seed}` + (item.brief_title ? ` · ${item.brief_title}` : "")));
   if (item.scores.length) card.append(scoresTable(item.scores));
+  card.append(pickControls(item, card));
+  showPicks(card, item.picks ?? []);
   const understood = item.understanding;
   if (understood) {
     const chips = el("div", { class: "chips" });
@@ -169,6 +195,32 @@ function variantCard(item) {
     }
   }
   return card;
+}
+
+// -- picks: a designer's choices become preference data ------------------------------------
+function showPicks(card, picks) {
+  card.dataset.picks = picks.map((p) => `${p.group_id}:${p.choice}`).join(",");
+  card.querySelector(".marks").textContent = picks.map((p) => `${p.group_id} ${p.choice}`).join(" · ");
+}
+
+function pickControls(item, card) {
+  const group = el("input", { class: "pick-group", placeholder: "group (all targets)", "aria-label": "for group" });
+  const controls = el("div", { class: "pick" }, group);
+  for (const [choice, label] of [["picked", "Pick"], ["rejected", "Reject"], [null, "Unmark"]]) {
+    const button = el("button", { "data-choice": String(choice) }, label);
+    button.addEventListener("click", async () => {
+      const { ok, body } = await api(`/api/items/${item.id}/pick`, {
+        method: "PUT", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ choice, group: group.value.trim() || null }),
+      });
+      controls.querySelector(".error").textContent = ok ? ""
+        : (Array.isArray(body?.detail) ? body.detail.map((e) => `${e.loc.at(-1)}: ${e.msg}`).join("; ") : String(body?.detail));
+      if (ok) showPicks(card, body);
+    });
+    controls.append(button);
+  }
+  controls.append(el("span", { class: "marks" }), el("span", { class: "error" }));
+  return controls;
 }
 
 async function showItems(briefId) {
@@ -199,6 +251,36 @@ async function watch(briefId, brief = null) {
 $("#cancel").addEventListener("click", async () => {
   if (watching) showProgress((await api(`/api/briefs/${watching}/cancel`, { method: "POST" })).body);
 });
+
+// -- browse: filter and sort the designer's variants, on the server, a page at a time ----------
+const PAGE = 12;
+let browseQuery = null;
+
+async function browse(offset) {
+  const params = new URLSearchParams({ ...browseQuery, limit: String(PAGE), offset: String(offset) });
+  const { ok, body } = await api(`/api/items?${params}`);
+  $("#browse-error").textContent = ok ? ""
+    : (Array.isArray(body?.detail) ? body.detail.map((e) => `${e.loc.at(-1)}: ${e.msg}`).join("; ") : String(body?.detail));
+  $("#browse-view").hidden = !ok;
+  if (!ok) return;
+  $("#found-total").textContent = `${body.total ? offset + 1 : 0}–${offset + body.items.length} of ${body.total}`;
+  $("#found").replaceChildren(...body.items.map(variantCard));
+  $("#found").dataset.offset = String(offset);
+  $("#found-prev").disabled = offset === 0;
+  $("#found-next").disabled = offset + body.items.length >= body.total;
+}
+
+$("#browse-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  browseQuery = {};
+  for (const [key, raw] of new FormData(event.target).entries()) {
+    const value = String(raw).trim();
+    if (value) browseQuery[key] = key === "until" ? `${value}T23:59:59.999999` : value;
+  }
+  await browse(0);
+});
+$("#found-prev").addEventListener("click", () => browse(Math.max(0, Number($("#found").dataset.offset) - PAGE)));
+$("#found-next").addEventListener("click", () => browse(Number($("#found").dataset.offset) + PAGE));
 
 // -- search -------------------------------------------------------------------------------
 $("#search-form").addEventListener("submit", async (event) => {
