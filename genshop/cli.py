@@ -329,6 +329,7 @@ def _register_model_commands() -> None:
     from genshop.cli_experiments import export, import_group, report
     from genshop.cli_tune import tune
     from genshop.cli_infra import db_group, index_group
+    from genshop.cli_audit import audit, explain
 
     main.add_command(reward)
     main.add_command(understand)
@@ -341,6 +342,8 @@ def _register_model_commands() -> None:
     main.add_command(tune)
     main.add_command(index_group)
     main.add_command(db_group)
+    main.add_command(audit)
+    main.add_command(explain)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)
