@@ -56,7 +56,8 @@ def audit_groups(model, requested: list[str]) -> list[str]:
     return list(dict.fromkeys(requested)) or known
 
 
-def audit_reward(config: RewardAuditConfig, progress: ProgressCallback | None = None) -> AuditReport:
+def audit_reward(config: RewardAuditConfig, progress: ProgressCallback | None = None, features=None) -> AuditReport:
+    """``features``: a ``reward.features.FeatureSource`` in place of the model's CLIP (tests, synthetic data)."""
     from reward.brief_scoring import reward_model_id
     from reward.features import EmbedderFeatures
     from reward.model import RewardModel
@@ -66,11 +67,12 @@ def audit_reward(config: RewardAuditConfig, progress: ProgressCallback | None = 
     report = progress or (lambda stage, done, total: None)
     model = RewardModel.from_pretrained(config.model)
     groups = audit_groups(model, config.groups)
-    embedding = config.embedding or model.config.embedding
-    if embedding is None:
-        raise AuditInputError(f"model: {config.model} records no embedder; pass an embedding config")
-    image_lora = Path(config.model) / model.config.image_lora if model.config.image_lora else None
-    features = EmbedderFeatures(embedding, config.catalog, config.cache_dir, image_lora=image_lora)
+    if features is None:
+        embedding = config.embedding or model.config.embedding
+        if embedding is None:
+            raise AuditInputError(f"model: {config.model} records no embedder; pass an embedding config")
+        image_lora = Path(config.model) / model.config.image_lora if model.config.image_lora else None
+        features = EmbedderFeatures(embedding, config.catalog, config.cache_dir, image_lora=image_lora)
     frame = read_catalog(config.catalog, with_images=False).reset_index(drop=True)
     embeddings = features.item_embeddings(list(frame["product_id"]), lambda d, t: report("embedding items", d, t))
 

@@ -155,7 +155,7 @@ function variantCard(item) {
   }
   const card = el("figure", { class: "variant", "data-item-id": item.id }, images,
     el("figcaption", {}, `#${item.variant} · seed ${item.seed}`));
-  if (item.scores.length) card.append(scoresTable(item.scores));
+  if (item.scores.length) card.append(scoresTable(item.scores), explanationBlock(item)); // audit.js
   const understood = item.understanding;
   if (understood) {
     const chips = el("div", { class: "chips" });
