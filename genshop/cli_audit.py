@@ -26,9 +26,16 @@ def audit() -> None:
     """Bias audits: what the reward model and the generator favour for each customer group."""
 
 
-def _finish(report, out: Path | None, as_json: bool) -> None:
+def _run(job, config, out: Path | None, as_json: bool) -> None:
+    """Run an audit job with progress bars, then print it and save it as the latest of its kind."""
     from genshop.audit.report import save_audit
+    from genshop.audit.reward_audit import AuditInputError
 
+    try:
+        with _progress_bar() as bar:
+            report = job(config, stage_progress(bar))
+    except AuditInputError as exc:
+        raise InvalidInput(str(exc)) from None
     json_path, png_path = save_audit(report, out or get_settings().home / "audits")
     if as_json:
         click.echo(report.model_dump_json())
@@ -69,7 +76,7 @@ def _finish(report, out: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def audit_reward_command(model, catalog, groups, top_share, threshold, out, as_json) -> None:
     """The share of the reward's top-scored catalog items per attribute value and group, against the catalog's."""
-    from genshop.audit.reward_audit import AuditInputError, RewardAuditConfig, audit_reward
+    from genshop.audit.reward_audit import RewardAuditConfig, audit_reward
 
     settings = get_settings()
     model = model or settings.reward_model
@@ -77,12 +84,7 @@ def audit_reward_command(model, catalog, groups, top_share, threshold, out, as_j
         raise InvalidInput("--model: no reward model (GENSHOP_REWARD_MODEL is 'off')")
     config = RewardAuditConfig(model=model, catalog=list(catalog), groups=list(groups), top_share=top_share,
                                threshold=threshold, cache_dir=settings.home / "cache" / "reward-embeddings")
-    try:
-        with _progress_bar() as bar:
-            report = audit_reward(config, stage_progress(bar))
-    except AuditInputError as exc:
-        raise InvalidInput(str(exc)) from None
-    _finish(report, out, as_json)
+    _run(audit_reward, config, out, as_json)
 
 
 @audit.command("generator")
@@ -105,7 +107,6 @@ def audit_generator_command(catalog, groups, briefs, variants, steps, seed, pres
     """The share of each group's generated images per attribute value (read by the understanding heads),
     against the catalog's; each group's LoRA from GENSHOP_ADAPTERS, else the base model."""
     from genshop.audit.generator_audit import DEFAULT_BRIEFS, GeneratorAuditConfig, audit_generator
-    from genshop.audit.reward_audit import AuditInputError
     from genshop.embedding import EmbeddingConfig
     from reward.groups import load_groups
 
@@ -119,12 +120,7 @@ def audit_generator_command(catalog, groups, briefs, variants, steps, seed, pres
         groups=list(groups) or [g.id for g in load_groups(DEFAULT_GROUPS)], catalog=list(catalog),
         embedding=EmbeddingConfig.for_directory(clip, device=settings.device), understanding=understanding,
         briefs=briefs or DEFAULT_BRIEFS, preset=preset, variants=variants, steps=steps, seed=seed, threshold=threshold)
-    try:
-        with _progress_bar() as bar:
-            report = audit_generator(config, stage_progress(bar))
-    except AuditInputError as exc:
-        raise InvalidInput(str(exc)) from None
-    _finish(report, out, as_json)
+    _run(audit_generator, config, out, as_json)
 
 
 @click.command("explain")
