@@ -88,6 +88,13 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def swap_step(margins: np.ndarray) -> tuple[int, bool]:
+    """The first step whose reading of ``b`` over ``a`` (log-odds ``margins`` along the grid, step 0 the image)
+    mirrors the image's of ``a`` over ``b``; without one, the step that reads ``b`` best. (index, reached)"""
+    reached = np.flatnonzero(margins >= -margins[0])
+    return (int(reached[0]), True) if len(reached) else (int(np.argmax(margins)), False)
+
+
 def summary_line(group_id: str, effects: Sequence[AttributeEffect], top: int = 3) -> str:
     attribute_name = {"article_type": "article type"}
     parts = [f"{attribute_name.get(e.attribute, e.attribute)} {e.value} {e.effect:+.2f}" for e in effects[:top]]
@@ -105,7 +112,7 @@ def explain_embeddings(model: RewardModel, classifier: Classifier, directions: M
     results = []
     for i, v in enumerate(images):
         master = labels["master_category"][int(np.argmax(posteriors["master_category"][i]))]
-        plans = []  # (attribute, value, confidence, [(alternative, weight, candidate rows)])
+        plans = []  # (attribute, value, confidence, [(alternative, its column, weight, its rows in the grid)])
         candidates = [v[None]]
         rows = 1
         for attribute in attributes:
@@ -126,15 +133,13 @@ def explain_embeddings(model: RewardModel, classifier: Classifier, directions: M
         stacked = np.concatenate(candidates)
         log_read = classifier.log_posteriors(stacked)
         chosen = [0]  # row 0: the image itself
-        steps = []  # per swap: (row, step index, read confidence, reached)
-        for attribute, _value, confidence, swaps in plans:
-            a = labels[attribute].index(_value)
+        steps = []  # per swap: (step index, read confidence, reached)
+        for attribute, value, _confidence, swaps in plans:
+            a = labels[attribute].index(value)
             for _alternative, b, _weight, span in swaps:
-                margin = log_read[attribute][span, b] - log_read[attribute][span, a]  # b over a, along the swap
-                reached = np.flatnonzero(margin >= -margin[0])  # the mirror of the image's reading
-                j = int(reached[0]) if len(reached) else int(np.argmax(margin))
+                j, reached = swap_step(log_read[attribute][span, b] - log_read[attribute][span, a])
                 chosen.append(span.start + j)
-                steps.append((j, float(np.exp(log_read[attribute][span.start + j, b])), bool(len(reached))))
+                steps.append((j, float(np.exp(log_read[attribute][span.start + j, b])), reached))
         scores = score_embeddings(model, stacked[chosen], brief_embedding, list(group_ids))
         per_group = {}
         for group_id, group in scores.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from genshop.audit.report import AUDIT_ATTRIBUTES, AuditReport, GroupAudit
-from genshop.audit.reward_audit import AuditInputError, labels
+from genshop.audit.reward_audit import AuditInputError, catalog_values
 from genshop.audit.shares import disparities, value_shares
 from genshop.embedding import EmbeddingConfig
 from genshop.settings import DEFAULT_TAXONOMY, REPO_ROOT
@@ -56,7 +56,7 @@ def catalog_reference(frame, briefs) -> dict[str, dict[str, float]]:
             if named and (match[attribute] == named).any():
                 match = match[match[attribute] == named]
         for attribute in AUDIT_ATTRIBUTES:
-            column = labels(match, attribute)
+            column = catalog_values(match, attribute)
             for value in set(column):
                 share = column.count(value) / len(column) / len(briefs)
                 reference[attribute][value] = reference[attribute].get(value, 0.0) + share

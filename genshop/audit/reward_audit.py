@@ -43,7 +43,8 @@ class RewardAuditConfig(BaseModel):
     cache_dir: Path | None = None
 
 
-def labels(frame, attribute: str) -> list[str]:
+def catalog_values(frame, attribute: str) -> list[str]:
+    """The attribute's label of every row; an unknown label is the value ``Unknown``."""
     return ["Unknown" if value in UNKNOWN else str(value) for value in frame[attribute]]
 
 
@@ -89,7 +90,7 @@ def audit_reward(config: RewardAuditConfig, progress: ProgressCallback | None = 
             top[group_id] += [int(rows[j]) for j in order[:k]]
         report("scoring segments", s + 1, len(segments))
 
-    values = {attribute: labels(frame, attribute) for attribute in AUDIT_ATTRIBUTES}
+    values = {attribute: catalog_values(frame, attribute) for attribute in AUDIT_ATTRIBUTES}
     catalog_shares = {}
     for attribute, column in values.items():
         weights: dict[str, float] = {}
