@@ -333,6 +333,7 @@ def _register_model_commands() -> None:
     from genshop.cli_tune import tune
     from genshop.cli_infra import db_group, index_group
     from genshop.cli_queue import picks_group, queue_group
+    from genshop.cli_audit import audit, explain
 
     main.add_command(reward)
     main.add_command(understand)
@@ -347,6 +348,8 @@ def _register_model_commands() -> None:
     main.add_command(db_group)
     main.add_command(queue_group)
     main.add_command(picks_group)
+    main.add_command(audit)
+    main.add_command(explain)
 
     for command in (train_clip, train_generator, train_judge):
         train.add_command(command)

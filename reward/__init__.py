@@ -19,6 +19,7 @@ Imports the ``genshop`` core only; nothing in the core imports it.
 | ``ceiling`` | the attribute-reader ceiling: the exact hidden utilities over attributes read from the image features (or the labels) |
 | ``scoring`` | ``load_scorer`` / ``score_images``: what workers call (with the model's CLIP LoRA, if any) |
 | ``synthetic`` | a synthetic catalog and feature source for tests and demos |
+| ``explanation`` | counterfactual attribute effects on one image's reward per group (``genshop explain``) |
 
 Score scale: a reward is a logit. Softmax over the rewards of images shown together gives
 choice probabilities; a difference of two rewards is a log-odds (Bradley–Terry). Compare

@@ -25,14 +25,19 @@ class BriefScorer:
     model_id: str  # recorded with every score: folder name and a fingerprint of its files
 
 
-def load_brief_scorer(model_dir: str | Path, device: str = "cpu") -> BriefScorer:
+def reward_model_id(model_dir: str | Path) -> str:
+    """The id recorded with every score: the folder's name and a fingerprint of its files."""
     folder = Path(model_dir)
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):  # the CLIP LoRA folder, when there is one, included
         if path.is_file():
             digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    model, embedder = load_scorer(folder, device=device)
-    return BriefScorer(model=model, embedder=embedder, model_id=f"{folder.name}@{digest.hexdigest()[:12]}")
+    return f"{folder.name}@{digest.hexdigest()[:12]}"
+
+
+def load_brief_scorer(model_dir: str | Path, device: str = "cpu") -> BriefScorer:
+    model, embedder = load_scorer(model_dir, device=device)
+    return BriefScorer(model=model, embedder=embedder, model_id=reward_model_id(model_dir))
 
 
 def score_brief(store: Store, brief_id: str, scorer: BriefScorer) -> list[ScoreRecord]:

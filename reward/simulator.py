@@ -181,11 +181,15 @@ def _category_index(items: pd.DataFrame, pools: np.ndarray) -> dict[tuple, np.nd
     return index
 
 
-def _brief_text(rng: np.random.Generator, category: str, gender: str, colour: str | None) -> str:
+def brief_text(category: str, gender: str, colour: str | None = None, template: str = BRIEF_TEMPLATES[0]) -> str:
+    """A brief as the simulated impressions phrase them: "red topwear for women"."""
     gender_phrase = "" if gender in UNKNOWN else (" unisex" if gender == "Unisex" else f" for {gender.lower()}")
-    template = BRIEF_TEMPLATES[rng.integers(len(BRIEF_TEMPLATES))]
     return template.format(colour=f"{colour.lower()} " if colour else "", category=category.lower(),
                            gender=gender_phrase)
+
+
+def _brief_text(rng: np.random.Generator, category: str, gender: str, colour: str | None) -> str:
+    return brief_text(category, gender, colour, BRIEF_TEMPLATES[rng.integers(len(BRIEF_TEMPLATES))])
 
 
 def _draw_candidates(rng: np.random.Generator, anchor: int, candidates: np.ndarray, k: int) -> np.ndarray:

@@ -3,6 +3,7 @@ submit a brief through the form, watch its progress, see the images and scores a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -184,3 +185,58 @@ def test_the_gallery_submits_at_the_front_pauses_picks_and_browses(page, api_ser
     page.wait_for_selector("#browse-error:has-text('group')")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "gallery-queue-picks-browse.png"), full_page=True)
+
+
+def test_the_gallery_shows_the_latest_audit_and_explains_a_variants_scores(page, api_service, tmp_path):
+    import httpx
+
+    from reward.synthetic import write_synthetic_catalog
+    from tests.conftest import invoke_cli
+
+    server, env = api_service
+    sign_in(page, "carol")
+    page.click("#audit-kinds [data-kind=generator]")  # none yet: the view says how to make one
+    page.wait_for_selector("#audit-notes:has-text('run `genshop audit generator`')")
+    assert page.is_hidden("#audit-chart")
+
+    # a reward audit, written where `genshop serve` reads the latest one
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 80, seed=5)
+    done = invoke_cli(["audit", "reward", "--catalog", str(catalog), "--top-share", "0.5", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    page.click("#audit-kinds [data-kind=reward]")
+    page.wait_for_function("() => (img => !img.hidden && img.complete && img.naturalWidth > 0)"
+                           "(document.querySelector('#audit-chart'))", timeout=30_000)
+    assert "80 catalog items" in page.inner_text("#audit-summary")
+    assert page.locator("#audit-disparities tr[data-attribute]").count() == min(20, len(report["disparities"]))
+    assert page.inner_text("#audit-notes") == " ".join(report["notes"])
+
+    # a brief for groups A and B: once scored, "Why these scores?" says what each group's reward rests on
+    form = "#brief-form"
+    page.fill(f"{form} [name=title]", "Women's red kurta")
+    page.fill(f"{form} [name=groups]", "A, B")
+    page.fill(f"{form} [name=variants]", "2")
+    page.fill(f"{form} [name=steps]", "2")
+    page.click(f"{form} button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant button.explain').length === 2",
+                           timeout=120_000)
+    page.locator("#variants .variant button.explain").first.click()
+    page.wait_for_selector("#variants .variant .explanations li[data-group=B]", timeout=60_000)
+    lines = page.locator("#variants .variant .explanations li").all_inner_texts()
+    assert [line.split(":")[0] for line in lines] == ["for group A", "for group B"]
+    assert all(any(f"{a} " in line for a in ("colour", "usage", "gender", "article type")) for line in lines)
+    page.wait_for_timeout(1500)  # the gallery re-renders the cards as it polls: the explanation stays
+    assert page.locator("#variants .variant .explanations li").count() == 2
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gallery-audit.png"), full_page=True)
+
+    item_id = page.locator("#variants .variant").first.get_attribute("data-item-id")
+    own = httpx.get(f"{server.url}/api/items/{item_id}/explanations", timeout=60,
+                    headers={"Authorization": f"Bearer {API_TOKENS['carol']}"})
+    items = httpx.get(f"{server.url}/api/briefs/{page.get_attribute('#brief-view', 'data-brief-id')}/items",
+                      headers={"Authorization": f"Bearer {API_TOKENS['carol']}"}).json()
+    scores = {s["group_id"]: s["score"] for s in next(i for i in items if i["id"] == item_id)["scores"]}
+    assert {e["group_id"]: round(e["reward"], 4) for e in own.json()} == {g: round(s, 4) for g, s in scores.items()}
+    other = httpx.get(f"{server.url}/api/items/{item_id}/explanations",
+                      headers={"Authorization": f"Bearer {API_TOKENS['bob']}"})
+    assert other.status_code == 404  # another designer's item does not exist for them

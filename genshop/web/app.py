@@ -523,6 +523,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(settings.database_url, settings.home, settings.images_url)
     app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
     app.include_router(router)
+    from genshop.web.audits import router as audits  # it imports this module's dependencies
+
+    app.include_router(audits)
     app.include_router(sessions)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodySizeLimit, default=settings.api_max_upload_bytes,

@@ -179,7 +179,7 @@ function variantCard(item) {
   }
   const card = el("figure", { class: "variant", "data-item-id": item.id }, images,
     el("figcaption", {}, `#${item.variant} · seed ${item.seed}` + (item.brief_title ? ` · ${item.brief_title}` : "")));
-  if (item.scores.length) card.append(scoresTable(item.scores));
+  if (item.scores.length) card.append(scoresTable(item.scores), explanationBlock(item)); // audit.js
   card.append(pickControls(item, card));
   showPicks(card, item.picks ?? []);
   const understood = item.understanding;
