@@ -525,6 +525,16 @@ class Store:
                 BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(owner=None))
             return result.rowcount == 1
 
+    def release_leases_of(self, owner: str) -> list[str]:
+        """Give up every lease ``owner`` holds (its process died while running several briefs
+        together); returns those briefs."""
+        with self.sessions.begin() as session:
+            released = list(session.scalars(select(BriefRunRow.brief_id).where(BriefRunRow.owner == owner)))
+            if released:
+                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(released),
+                                                          BriefRunRow.owner == owner).values(owner=None))
+            return released
+
     def lease_owner(self, brief_id: str) -> str | None:
         with self.sessions() as session:
             return session.scalar(select(BriefRunRow.owner).where(BriefRunRow.brief_id == brief_id))
@@ -564,6 +574,22 @@ class Store:
                 if row.status == "queued":
                     row.status, row.finished_at = "cancelled", utcnow()
             return _to_record(row)
+
+    def update_progress_many(self, progress: dict[str, dict[str, Any]]) -> None:
+        """``update_progress`` for several briefs (denoised in one call), in one transaction."""
+        if not progress:
+            return
+        with self.sessions.begin() as session:
+            for brief_id, values in progress.items():
+                session.execute(update(BriefRow).where(BriefRow.id == brief_id).values(progress=values))
+
+    def cancel_requested_among(self, brief_ids: list[str]) -> set[str]:
+        """The briefs among ``brief_ids`` whose cancel was requested (one query)."""
+        if not brief_ids:
+            return set()
+        with self.sessions() as session:
+            return set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids),
+                                                                 BriefRow.cancel_requested.is_(True))))
 
     def is_cancel_requested(self, brief_id: str) -> bool:
         with self.sessions() as session:

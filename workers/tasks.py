@@ -20,14 +20,14 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.utils.log import get_logger
-from celery.worker.request import Request
 
 from genshop.pipelines import LoadedPipeline, load_pipeline
-from genshop.service import Progress, requeue_stale, run_brief
+from genshop.service import Progress, requeue_stale, run_brief, run_briefs
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, open_store
 from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
-                         enqueue_scoring, generation_messages)
+                         enqueue_scoring, generation_messages, generation_task_id)
+from workers.batching import GatheredRequest, companions_of
 
 logger = get_logger("genshop.workers")
 
@@ -150,19 +150,21 @@ def lease_owner(hostname: str, pid: int) -> str:
     return f"{hostname}:{pid}"
 
 
-class GenerationRequest(Request):
+class GenerationRequest(GatheredRequest):
     """The main process's side of a generation task: when the pool process running it dies
-    (SIGKILL, OOM), release the brief's lease *before* Celery requeues the
-    message, so the redelivery runs the brief at once instead of finding it held by the dead."""
+    (SIGKILL, OOM), release the leases of the briefs it ran (its own and its companions')
+    *before* Celery requeues the message, so the redelivery runs the brief at once instead of
+    finding it held by the dead."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
         if isinstance(exc, (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)) and self.worker_pid:
             brief_id = (self.args or [None])[0]
             try:
-                if brief_id and main_store().release_lease(brief_id, lease_owner(self.hostname, self.worker_pid)):
-                    logger.warning("brief %s: pool process %s died running it (%s); lease released",
-                                   brief_id, self.worker_pid, type(exc).__name__)
+                released = main_store().release_leases_of(lease_owner(self.hostname, self.worker_pid))
+                if released:
+                    logger.warning("brief %s: pool process %s died running it (%s); lease released for %s",
+                                   brief_id, self.worker_pid, type(exc).__name__, ", ".join(released))
             except Exception:  # noqa: BLE001 - the lease lapses by itself; the redelivery or the sweep takes it then
                 logger.exception("could not release the lease of brief %s", brief_id)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
@@ -204,18 +206,27 @@ def queue_followups(store: Store, record: BriefRecord) -> dict:
     return sent
 
 
-@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest)
+@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest, Strategy="workers.batching:gathering")
 def generate_brief(self, brief_id: str) -> dict:
-    def on_progress(progress: Progress) -> None:
+    def on_progress(progress_of: str, progress: Progress) -> None:
         try:  # best effort: the store holds the same progress, and a broker blip must not fail the brief
-            self.update_state(state="RUNNING", meta={"brief_id": brief_id, **progress.model_dump()})
+            task_id = self.request.id if progress_of == brief_id else generation_task_id(progress_of)
+            self.update_state(task_id=task_id, state="RUNNING",
+                              meta={"brief_id": progress_of, **progress.model_dump()})
         except Exception:  # noqa: BLE001
             pass
 
     settings = get_settings()
     store = worker_store()
-    record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts, on_progress,
-                       owner=lease_owner(self.request.hostname, os.getpid()), lease_s=settings.lease_timeout)
+    owner = lease_owner(self.request.hostname, os.getpid())
+    if companions := companions_of(self.request):  # their messages follow; each then finds its brief done
+        records = run_briefs(store, [brief_id, *companions], worker_pipeline(), settings.max_attempts, on_progress,
+                             owner=owner, lease_s=settings.lease_timeout)
+        record = records.get(brief_id) or store.get_brief(brief_id)
+    else:
+        record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts,
+                           lambda progress: on_progress(brief_id, progress), owner=owner,
+                           lease_s=settings.lease_timeout)
     if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
         raise Ignore()  # acknowledged, and the running delivery's task state is left to it
     result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
