@@ -4,7 +4,10 @@ and cancellation, progress and exactly-once stay per brief."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from genshop.briefs import parse_brief
@@ -93,3 +96,87 @@ def test_a_worker_denoises_queued_briefs_together_and_cancels_one_alone(tmp_path
         else:
             assert task.get(timeout=30)["status"] == "succeeded"
         assert worker.log.read_text().count(f"[generate-{brief_id}] succeeded") == (brief_id != withdrawn)
+
+
+def test_scoring_and_enrichment_of_several_briefs_take_one_clip_forward(env, tmp_path, open_clip_dir):
+    from genshop.embedding import EmbeddingConfig
+    from genshop.enrichment import EnrichConfig, enrich_brief, enrich_briefs, load_enricher
+    from genshop.pipelines import load_pipeline
+    from genshop.service import run_briefs, submit_brief
+    from reward.brief_scoring import load_brief_scorer, score_brief, score_briefs
+    from tests.test_reward_model import tiny_model
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}", tmp_path / "files")
+    ids = [submit_brief(store, parse_brief({"title": title, "variants": variants, "seed": n, "steps": 1, "width": 16,
+                                            "height": 16, "groups": ["A", "B"]}), "tiny-random")[0].id
+           for n, (title, variants) in enumerate([("Red kurta", 2), ("Blue jeans", 3), ("Black watch", 1)])]
+    run_briefs(store, ids, load_pipeline("tiny-random"), max_attempts=2)
+    embedding = EmbeddingConfig.for_directory(open_clip_dir)
+    scorer = load_brief_scorer(tiny_model(embedding=embedding).save_pretrained(tmp_path / "reward"))
+    enricher = load_enricher(EnrichConfig(embedding=embedding, index_dir=tmp_path / "index"))
+    forwards = []
+    hooks = [e.model.visual.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+             for e in (scorer.embedder, enricher.embedder)]
+    try:
+        scored = score_briefs(store, ids, scorer)
+        understood = enrich_briefs(store, ids, enricher)
+        assert forwards == [6, 6]  # the 6 images of 3 briefs: one forward to score, one to enrich
+        assert score_briefs(store, ids, scorer) == scored and forwards == [6, 6]  # scored already: only read back
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [len(scored[b]) for b in ids] == [4, 6, 2] and [len(understood[b]) for b in ids] == [2, 3, 1]
+    alone_store = Store(f"sqlite:///{tmp_path / 'alone.db'}", tmp_path / "files")  # the same briefs scored one by one
+    for brief_id in ids:
+        record = store.get_brief(brief_id)
+        copy, _ = alone_store.create_brief(record.brief, "tiny-random")
+        alone_store.add_items([item.model_copy(update={"brief_id": copy.id}) for item in store.list_items(brief_id)])
+        alone = score_brief(alone_store, copy.id, scorer)
+        assert [s.score for s in alone] == [pytest.approx(s.score, abs=1e-4) for s in scored[brief_id]]
+        own_index = replace(enricher, config=enricher.config.model_copy(update={"index_dir": tmp_path / copy.id}))
+        for a, b in zip(enrich_brief(alone_store, copy.id, own_index), understood[brief_id]):
+            np.testing.assert_allclose(np.frombuffer(a.embedding, "<f4"), np.frombuffer(b.embedding, "<f4"), atol=1e-5)
+
+
+def test_concurrent_text_searches_share_one_clip_forward_and_repeats_are_cached(env, monkeypatch, open_clip_dir):
+    import asyncio
+
+    import httpx
+
+    from genshop.settings import get_settings
+    from genshop.understanding.index import IndexConfig, build_index
+    from genshop.understanding.search import search
+    from genshop.web.app import _embedder, create_app, current_index
+
+    monkeypatch.setenv("GENSHOP_EMBEDDING_MODEL", str(open_clip_dir))
+    monkeypatch.setenv("GENSHOP_API_TOKENS", "ana:token-ana")
+    get_settings.cache_clear()
+    settings = get_settings()
+    vectors = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    build_index(IndexConfig(dim=16), [f"p{i}" for i in range(300)], vectors,
+                [{"kind": "catalog", "title": f"product {i}", "image_path": ""} for i in range(300)]).save(
+        settings.index_dir)
+    app = create_app(settings)
+    embedder = _embedder(settings.embedding_model, settings.device)
+    texts = [f"{colour} {thing}" for colour in ("red", "blue", "black", "white") for thing in ("kurta", "jeans",
+                                                                                              "watch", "shoes")]
+    forwards = []
+    hook = embedder.model.transformer.register_forward_hook(lambda module, args, output: forwards.append(1))
+
+    async def ask_all() -> list[list[str]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers={"Authorization": "Bearer token-ana"}) as client:
+            answers = await asyncio.gather(*(client.get("/api/search", params={"q": t, "k": 5}) for t in texts))
+        assert {a.status_code for a in answers} == {200}
+        return [[hit["id"] for hit in a.json()] for a in answers]
+
+    try:
+        first = asyncio.run(ask_all())
+        calls = len(forwards)
+        again = asyncio.run(ask_all())
+    finally:
+        hook.remove()
+    assert calls < len(texts) / 2  # batched: a lone first query, then the others together
+    assert len(forwards) == calls and again == first  # the repeats came from the cache
+    index = current_index(settings.index_dir)
+    assert first == [[h.id for h in search(index, embedder, t, k=5)] for t in texts]

@@ -240,18 +240,32 @@ def generate_brief(self, brief_id: str) -> dict:
     return result
 
 
-@app.task(name=SCORE_TASK)
-def score_brief(brief_id: str) -> dict:
-    from reward.brief_scoring import score_brief as score_stored_brief
+def together_or_alone(run, brief_id: str, companions: list[str]):
+    """``run(brief_ids)[brief_id]`` over the brief and its companions; if the group fails (one
+    brief's unreadable image, say), the brief alone: each companion's own message follows and
+    does the same for itself, so one bad brief fails only itself."""
+    if companions:
+        try:
+            return run([brief_id, *companions])[brief_id]
+        except Exception:  # noqa: BLE001 - logged; the brief is retried alone right here
+            logger.exception("brief %s: the group of %d failed; running it alone", brief_id, 1 + len(companions))
+    return run([brief_id])[brief_id]
 
-    scores = score_stored_brief(worker_store(), brief_id, worker_scorer())
+
+@app.task(bind=True, name=SCORE_TASK, Request=GatheredRequest, Strategy="workers.batching:gathering")
+def score_brief(self, brief_id: str) -> dict:
+    from reward.brief_scoring import score_briefs
+
+    scores = together_or_alone(lambda ids: score_briefs(worker_store(), ids, worker_scorer()), brief_id,
+                               companions_of(self.request))
     return {"brief_id": brief_id, "scores": len(scores), "worker_pid": os.getpid()}
 
 
-@app.task(name=ENRICH_TASK)
-def enrich_brief(brief_id: str) -> dict:
-    from genshop.enrichment import enrich_brief as enrich_stored_brief
+@app.task(bind=True, name=ENRICH_TASK, Request=GatheredRequest, Strategy="workers.batching:gathering")
+def enrich_brief(self, brief_id: str) -> dict:
+    from genshop.enrichment import enrich_briefs
 
-    understood = enrich_stored_brief(worker_store(), brief_id, worker_enricher())
+    understood = together_or_alone(lambda ids: enrich_briefs(worker_store(), ids, worker_enricher()), brief_id,
+                                   companions_of(self.request))
     duplicates = sum(1 for u in understood if u.near_duplicate_of)
     return {"brief_id": brief_id, "items": len(understood), "near_duplicates": duplicates, "worker_pid": os.getpid()}
