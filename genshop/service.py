@@ -226,6 +226,7 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
     brief_id, brief = record.id, record.brief
     batches = plan_batches(brief, loaded.preset.defaults.batch_size, frozenset(loaded.adapters))
     done = store.existing_variants(brief_id)
+    final: Progress | None = None
     last_write = time.monotonic()  # the first progress report comes progress_interval_s in, or at a batch's end
 
     def report(progress: Progress, force: bool = False) -> None:
@@ -253,8 +254,12 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
                                     scorer=best_of_scorer() if brief.best_of > 1 else None)
             done |= _store_batch(store, [g for g in images if g.variant not in done], brief, brief_id, model_id,
                                  revision)
-            report(Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,
-                            steps=brief.steps, batch=index + 1, batches=len(batches)), force=True)
+            progress = Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,
+                                steps=brief.steps, batch=index + 1, batches=len(batches))
+            if index < len(batches) - 1:
+                report(progress, force=True)
+            else:  # stored with the finish, in its transaction; no RUNNING note just before the result
+                final = progress
     except GenerationCancelled:
         if lost():  # another delivery took the brief over: it finishes it, not this one
             return store.get_brief(brief_id)
@@ -262,7 +267,7 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
     except Exception as exc:
         store.finish(brief_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    return store.finish(brief_id, "succeeded")
+    return store.finish(brief_id, "succeeded", progress=final and final.model_dump())
 
 
 def run_briefs(
@@ -352,9 +357,10 @@ def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedP
         progress = {b: Progress(variants_done=len(done[b]), variants_total=briefs[b].variants, step=step, steps=steps,
                                 batch=batch_of[b], batches=batches[b]) for b in in_call if b not in stopped}
         store.update_progress_many({b: p.model_dump() for b, p in progress.items()})
-        if on_progress:
+        if on_progress:  # not after a brief's last call: its result follows at once
             for b, p in progress.items():
-                on_progress(b, p)
+                if not (force and p.batch == p.batches):
+                    on_progress(b, p)
 
     for key, units in chunks:
         units = [(b, v) for b, v in units if b not in stopped and b not in failed]

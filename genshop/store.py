@@ -499,7 +499,6 @@ class Store:
         """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
         or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
         racing for a brief exactly one wins. True when ``owner`` holds it now."""
-        self.get_brief(brief_id)  # an unknown brief raises UnknownBriefError, not a foreign-key error
         now = utcnow()
         lapsed = now - timedelta(seconds=lease_s)
         statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
@@ -507,8 +506,11 @@ class Store:
                                             where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
                                             | (BriefRunRow.heartbeat_at < lapsed))
                      .returning(BriefRunRow.owner))
-        with self.sessions.begin() as session:
-            return session.execute(statement).scalar() == owner
+        try:
+            with self.sessions.begin() as session:
+                return session.execute(statement).scalar() == owner
+        except IntegrityError:  # the foreign key: no such brief (one statement, no read before it)
+            raise UnknownBriefError(f"no brief with id {brief_id!r}") from None
 
     def renew_lease(self, brief_id: str, owner: str) -> bool:
         """The holder's heartbeat. False when ``owner`` no longer holds the lease."""
@@ -555,11 +557,15 @@ class Store:
     def update_progress(self, brief_id: str, progress: dict[str, Any]) -> None:
         self._update(brief_id, progress=progress)
 
-    def finish(self, brief_id: str, status: BriefStatus, error: str | None = None) -> BriefRecord:
+    def finish(self, brief_id: str, status: BriefStatus, error: str | None = None,
+               progress: dict[str, Any] | None = None) -> BriefRecord:
+        """End the brief (a finished one is left as it is), with its last ``progress`` in the same write."""
         with self.sessions.begin() as session:
             row = session.get(BriefRow, brief_id)
             if row.status not in TERMINAL_STATUSES:
                 row.status, row.error, row.finished_at = status, error, utcnow()
+                if progress is not None:
+                    row.progress = progress
             return _to_record(row)
 
     def request_cancel(self, brief_id: str) -> BriefRecord:

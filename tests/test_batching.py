@@ -60,7 +60,7 @@ def test_a_worker_denoises_queued_briefs_together_and_cancels_one_alone(tmp_path
 
     from genshop.service import submit_brief
 
-    env = make_env(tmp_path / "home", models_dir)
+    env = make_env(tmp_path / "home", models_dir, GENSHOP_GATHER_WINDOW_MS="1500")  # the first waits for company
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     sender = Celery(broker=env["GENSHOP_BROKER_URL"], backend=env["GENSHOP_BROKER_URL"])
     shared = {"variants": 1, "steps": 60, "width": 64, "height": 64, "guidance_scale": 5.0}

@@ -6,9 +6,11 @@ default, so every message is still received, reserved, acknowledged late, reject
 worker, logged and given its result by its own Celery ``Request``; it only changes when a
 request goes to the pool:
 
-- a request waits at most ``GENSHOP_GATHER_WINDOW_MS`` for company, and a group is sent as
-  soon as it has ``GENSHOP_GATHER_MAX`` requests; while every pool process is busy with a
-  group, arriving requests keep gathering (they would wait for a process anyway);
+- while every pool process is busy with a group, arriving requests gather (they would wait
+  for a process anyway); when one is free, the waiting requests go as one group of at most
+  ``GENSHOP_GATHER_MAX``, at once, or, with ``GENSHOP_GATHER_WINDOW_MS``, once the first has
+  waited that long for company (or the group is full): a backlog is batched without anyone
+  waiting, and a lone request waits at most the window;
 - a group goes to the pool as its first request (the leader) with the others' first
   arguments (brief ids) in the leader's request as ``companions``: the leader's task does the
   work of all of them together (one pipeline call, one CLIP forward);
