@@ -412,6 +412,11 @@ class Store:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)
 
+    def get_briefs(self, brief_ids: list[str]) -> dict[str, BriefRecord]:
+        """The known briefs among ``brief_ids``, by id (one query)."""
+        with self.sessions() as session:
+            return {row.id: _to_record(row) for row in session.scalars(select(BriefRow).where(BriefRow.id.in_(brief_ids)))}
+
     def list_briefs(self, status: str | None = None, designer: str | None = None, title: str | None = None,
                     newest_first: bool = False, limit: int | None = None, offset: int = 0) -> list[BriefRecord]:
         with self.sessions() as session:
@@ -626,6 +631,15 @@ class Store:
             rows = session.scalars(select(ItemRow).where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant))
             return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
 
+    def list_items_of(self, brief_ids: list[str]) -> dict[str, list[ItemRecord]]:
+        """``list_items`` of several briefs in one query: brief id → its items by variant."""
+        found: dict[str, list[ItemRecord]] = {brief_id: [] for brief_id in brief_ids}
+        with self.sessions() as session:
+            for row in session.scalars(select(ItemRow).where(ItemRow.brief_id.in_(brief_ids))
+                                       .order_by(ItemRow.brief_id, ItemRow.variant)):
+                found[row.brief_id].append(ItemRecord.model_validate(row, from_attributes=True))
+        return found
+
     def get_items(self, item_ids: list[str]) -> list[ItemRecord]:
         """The generated items among ``item_ids`` (other ids, such as catalog products', are left out)."""
         with self.sessions() as session:
@@ -649,6 +663,17 @@ class Store:
             rows = session.scalars(select(ScoreRow).join(ItemRow, ItemRow.id == ScoreRow.item_id)
                                    .where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant, ScoreRow.group_id))
             return [ScoreRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def list_scores_of(self, brief_ids: list[str]) -> dict[str, list[ScoreRecord]]:
+        """``list_scores`` of several briefs in one query: brief id → its scores."""
+        found: dict[str, list[ScoreRecord]] = {brief_id: [] for brief_id in brief_ids}
+        with self.sessions() as session:
+            rows = session.execute(select(ScoreRow, ItemRow.brief_id).join(ItemRow, ItemRow.id == ScoreRow.item_id)
+                                   .where(ItemRow.brief_id.in_(brief_ids))
+                                   .order_by(ItemRow.brief_id, ItemRow.variant, ScoreRow.group_id))
+            for score, brief_id in rows:
+                found[brief_id].append(ScoreRecord.model_validate(score, from_attributes=True))
+        return found
 
     # -- catalog products ---------------------------------------------------------------
     def add_catalog_products(self, products: list[NewCatalogProduct]) -> int:

@@ -47,13 +47,16 @@ def score_briefs(store: Store, brief_ids: list[str], scorer: BriefScorer) -> dic
     scored by this model is embedded in one batch, every brief's prompt in another, then each
     brief's items are scored for its groups and all the scores are stored in one transaction.
     A brief already scored for all its groups is only read back."""
+    brief_ids = list(dict.fromkeys(brief_ids))
+    records, items_of, scores_of = store.get_briefs(brief_ids), store.list_items_of(brief_ids), store.list_scores_of(brief_ids)
     todo = []  # (brief id, prompt, groups, items)
-    for brief_id in dict.fromkeys(brief_ids):
-        record = store.get_brief(brief_id)
-        items = store.list_items(brief_id)
+    for brief_id in brief_ids:
+        if brief_id not in records:
+            store.get_brief(brief_id)  # raises UnknownBriefError, as one brief alone does
+        record, items = records[brief_id], items_of[brief_id]
         if not record.brief.groups or not items:
             continue
-        scored = {(s.item_id, s.group_id) for s in store.list_scores(brief_id) if s.reward_model == scorer.model_id}
+        scored = {(s.item_id, s.group_id) for s in scores_of[brief_id] if s.reward_model == scorer.model_id}
         if all((item.id, group) in scored for item in items for group in record.brief.groups):
             continue
         todo.append((brief_id, build_prompt(record.brief), record.brief.groups, items))
@@ -71,4 +74,5 @@ def score_briefs(store: Store, brief_ids: list[str], scorer: BriefScorer) -> dic
                                     score=group.rewards[k], population_fallback=group.fallback)
                            for group_id, group in scores.items() for k, item in enumerate(items)]
         store.add_scores(new_scores)
-    return {brief_id: store.list_scores(brief_id) for brief_id in dict.fromkeys(brief_ids)}
+        scores_of = store.list_scores_of(brief_ids)
+    return scores_of
