@@ -6,7 +6,12 @@ worker process, in ``worker_process_init`` (after the prefork pool forked, never
 parent), and kept for every task that process runs. A generated brief is queued for
 enrichment (when an embedding model is configured) and, with target groups, for scoring,
 once per brief. The parent runs the requeue sweep (``genshop.service.requeue_stale``) and
-releases the lease of a brief whose pool process died (``GenerationRequest``).
+releases the leases of the briefs whose pool process died (``GenerationRequest``).
+
+Each task gathers (``workers.batching``): a message that waited with others while the pool
+was busy may reach its task with ``companions``, the briefs of those other messages, and the
+task does their work too (``run_briefs``, ``score_briefs``, ``enrich_briefs``); their own
+messages follow and find it done.
 """
 
 from __future__ import annotations
