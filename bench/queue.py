@@ -13,6 +13,8 @@
    last result. Target >= 3x on tiny-random.
 
     python bench/queue.py [--tasks 200] [--briefs 64] [--presets tiny-random mini]
+"""
+
 from __future__ import annotations
 
 import _path  # noqa: F401, I001 - first: keeps this file from shadowing the stdlib's queue
