@@ -171,41 +171,48 @@ def score_stored_briefs(folder: Path, model, embedder, images, args) -> dict:
 
     store = Store(f"sqlite:///{folder / 'bench.db'}", folder / "files")
     per_brief = len(images) // args.briefs
-    ids = []
-    for b in range(args.briefs):
-        record, _ = store.create_brief(Brief(title=f"bench brief {b}", colour="Red", groups=args.groups,
-                                             variants=per_brief, seed=b, steps=1, guidance_scale=1.0, width=64,
-                                             height=64, negative_prompt=""), "tiny-random")
-        items = []
-        for v, image in enumerate(images[b * per_brief:(b + 1) * per_brief]):
-            sha, path = store.images.put(image)
-            items.append(NewItem(brief_id=record.id, variant=v, prompt=f"bench brief {b}, Red", negative_prompt="",
-                                 seed=b + v, steps=1, guidance_scale=1.0, width=64, height=64, model_id="bench",
-                                 model_revision="r", image_sha256=sha, image_path=path, timings={}))
-        store.add_items(items)
-        ids.append(record.id)
     scored = per_brief * args.briefs
-    runs = iter(range(10**6))
+    stored = [store.images.put(image) for image in images[:scored]]
+    scorer = BriefScorer(model=model, embedder=embedder, model_id="bench@1")
 
-    def fresh() -> BriefScorer:  # a new model id: nothing scored yet
-        return BriefScorer(model=model, embedder=embedder, model_id=f"bench@{next(runs)}")
+    def new_briefs() -> list[str]:
+        """The images as ``args.briefs`` new briefs of ``per_brief`` items, none scored yet."""
+        ids = []
+        for b in range(args.briefs):
+            record, _ = store.create_brief(Brief(title=f"bench brief {b}", colour="Red", groups=args.groups,
+                                                 variants=per_brief, seed=b, steps=1, guidance_scale=1.0, width=64,
+                                                 height=64, negative_prompt=""), "tiny-random")
+            store.add_items([NewItem(brief_id=record.id, variant=v, prompt=f"bench brief {b}, Red", negative_prompt="",
+                                     seed=b + v, steps=1, guidance_scale=1.0, width=64, height=64, model_id="bench",
+                                     model_revision="r", image_sha256=sha, image_path=path, timings={})
+                             for v, (sha, path) in enumerate(stored[b * per_brief:(b + 1) * per_brief])])
+            ids.append(record.id)
+        return ids
 
-    def across() -> None:
-        scorer = fresh()
+    def seconds(score) -> float:
+        """Median seconds of ``score(brief ids)`` over fresh briefs (their setup not timed)."""
+        times = []
+        for _ in range(args.repeats):
+            ids = new_briefs()
+            started = time.perf_counter()
+            score(ids)
+            times.append(time.perf_counter() - started)
+            assert all(len(s) == per_brief * len(args.groups) for s in store.list_scores_of(ids).values())
+        return statistics.median(times)
+
+    def across(ids: list[str]) -> None:
         for start in range(0, len(ids), args.gather):
             score_briefs(store, ids[start:start + args.gather], scorer)
 
-    def one_by_one() -> None:
-        scorer = fresh()
+    def one_by_one(ids: list[str]) -> None:
         for brief_id in ids:
             score_briefs(store, [brief_id], scorer)
 
-    across()  # warm-up
+    across(new_briefs())  # warm-up
     batched_images = images[:scored]
     embedder_s = timed(lambda: embedder.embed_images(batched_images), args.repeats)
-    across_s = timed(across, args.repeats)
-    per_brief_s = timed(one_by_one, args.repeats)
-    assert len(store.list_scores(ids[0])) == per_brief * len(args.groups) * (2 * args.repeats + 1)
+    across_s = seconds(across)
+    per_brief_s = seconds(one_by_one)
     return {"embedder_images_per_s": scored / embedder_s, "across_briefs_images_per_s": scored / across_s,
             "per_brief_images_per_s": scored / per_brief_s, "across_briefs_share": embedder_s / across_s,
             "briefs": args.briefs, "gather": args.gather}

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
 from genshop.experiments.manifest import Arms, ExperimentInputError, Manifest
@@ -279,8 +279,8 @@ def overfetch(k: int) -> int:
 def visible_hits(store: Store, hits_of: dict, k: int) -> dict:
     """Each asker's hits (asker → hits) less other designers' generated items, the top ``k`` as views.
     An asker is a designer, or (designer, anything) for several queries of one batch."""
-    every = [h for hits in hits_of.values() for h in hits]
-    generated = {item.id: item.brief_id for item in store.get_items(list({h.id for h in every}))} if every else {}
+    maybe_generated = list({h.id for hits in hits_of.values() for h in hits if h.metadata.get("kind") != "catalog"})
+    generated = {item.id: item.brief_id for item in store.get_items(maybe_generated)} if maybe_generated else {}
     owners = {brief_id: store.designer_of(brief_id) for brief_id in set(generated.values())}
     views = {}
     for asker, hits in hits_of.items():
@@ -293,15 +293,19 @@ def visible_hits(store: Store, hits_of: dict, k: int) -> dict:
     return views
 
 
-def answer_text_searches(app: FastAPI, queries: list[tuple[str, str, int]]) -> list[list[SearchHitView]]:
+SEARCH_HITS = TypeAdapter(list[SearchHitView])
+
+
+def answer_text_searches(app: FastAPI, queries: list[tuple[str, str, int]]) -> list[bytes]:
     """Concurrent text searches (designer, checked text, k) answered together, on a worker thread:
-    their vectors from the cache or one CLIP forward, one index search, one ownership read."""
+    their vectors from the cache or one CLIP forward, one index search, one ownership read; each
+    answer's JSON made here too, so the event loop only sends it."""
     from genshop.understanding.search import TextVectorCache, search_texts
 
     settings: Settings = app.state.settings
     index = current_index(settings.index_dir, settings.index_url)
     if index is None:
-        return [[] for _ in queries]
+        return [b"[]" for _ in queries]
     embedder = _embedder(settings.embedding_model, settings.device)
     if getattr(app.state, "text_vectors", None) is None or app.state.text_vectors.embedder is not embedder:
         app.state.text_vectors = TextVectorCache(embedder)
@@ -309,7 +313,7 @@ def answer_text_searches(app: FastAPI, queries: list[tuple[str, str, int]]) -> l
     hits = search_texts(index, app.state.text_vectors, [text for _, text, _ in queries], min(len(index), overfetch(k)))
     views = visible_hits(app.state.store, {(designer, n): row for n, ((designer, _, _), row)
                                            in enumerate(zip(queries, hits))}, k)
-    return [views[(designer, n)][:k_n] for n, (designer, _, k_n) in enumerate(queries)]
+    return [SEARCH_HITS.dump_json(views[(designer, n)][:k_n]) for n, (designer, _, k_n) in enumerate(queries)]
 
 
 @router.get("/search", response_model=list[SearchHitView])
@@ -325,7 +329,7 @@ async def search_text(request: Request, q: str = Query(min_length=1, max_length=
         text = checked_text(q)
     except QueryError as exc:
         raise field_errors([("q", str(exc).partition(": ")[2])], "query") from None
-    return await request.app.state.text_search.ask((designer, text, k))
+    return Response(await request.app.state.text_search.ask((designer, text, k)), media_type="application/json")
 
 
 @router.post("/search", response_model=list[SearchHitView])
