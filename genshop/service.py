@@ -21,7 +21,7 @@ from genshop.generation import (GenerationCancelled, GeneratedImage, generate_ac
                                 plan_batches, shared_call_key)
 from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
-from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord, UnknownBriefError
+from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord
 
 
 class Progress(BaseModel):
@@ -147,7 +147,14 @@ def best_of_timings(record: dict | None) -> dict[str, float]:
 
 
 def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_id: str, revision: str) -> set[int]:
-    """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored.
+    """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored."""
+    return {variant for _, variant in _store_images(store, [(brief_id, brief, g) for g in images], model_id, revision)}
+
+
+def _store_images(store: Store, images: list[tuple[str, Brief, GeneratedImage]], model_id: str,
+                  revision: str) -> list[tuple[str, int]]:
+    """Write a call's PNGs (of one brief or several: (brief id, brief, image)), then their item rows in
+    one transaction; returns the (brief id, variant) pairs stored.
 
     If anything fails (disk full, database error), the PNGs this call created and no row
     refers to are removed again, so a failed write leaves no orphan files (and ``put`` leaves
@@ -155,7 +162,7 @@ def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_
     created: list[tuple[str, str]] = []
     try:
         new_items = []
-        for generated in images:
+        for brief_id, brief, generated in images:
             sha, path, is_new = store.images.put_new(generated.image)
             if is_new:
                 created.append((sha, path))
@@ -175,7 +182,7 @@ def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_
             except Exception:  # noqa: BLE001 - best effort; the original error is the one to report
                 pass
         raise
-    return {item.variant for item in new_items}
+    return [(item.brief_id, item.variant) for item in new_items]
 
 
 def run_brief(
@@ -295,31 +302,17 @@ def run_briefs(
     the others, or stops when no brief in it is left); an error fails the briefs of the call
     that raised it. Returns every brief's record that this delivery saw, by id."""
     owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    records: dict[str, BriefRecord] = {}
-    taken: list[BriefRecord] = []
+    taken, records = store.start_runs(list(dict.fromkeys(brief_ids)), owner, lease_s, max_attempts)
     try:
-        for brief_id in dict.fromkeys(brief_ids):
-            try:
-                if not store.acquire_lease(brief_id, owner, lease_s):
-                    records[brief_id] = store.get_brief(brief_id)
-                    continue
-            except UnknownBriefError:
-                continue  # its own delivery reports it
-            record = store.start_attempt(brief_id, max_attempts)
-            if record.status == "running":
-                taken.append(record)
-            else:
-                records[brief_id] = record
-                store.release_lease(brief_id, owner)
         if taken:
             with _Heartbeat(store, [r.id for r in taken], owner, max(0.5, lease_s / 4)) as heartbeat:
                 records.update(_generate_together(store, taken, loaded, on_progress, progress_interval_s,
                                                   heartbeat.lost))
     finally:
-        for record in taken:
-            try:
-                store.release_lease(record.id, owner)
-            except Exception:  # noqa: BLE001 - the lease lapses by itself
+        if taken:
+            try:  # every lease this run holds, in one write (an owner runs one group at a time)
+                store.release_leases_of(owner)
+            except Exception:  # noqa: BLE001 - the leases lapse by themselves
                 pass
     return records
 
@@ -334,7 +327,8 @@ def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedP
             store, record, loaded, on_progress and (lambda p, b=record.id: on_progress(b, p)), progress_interval_s,
             lambda b=record.id: b in lost)
     batch_size = loaded.preset.defaults.batch_size
-    done = {b: store.existing_variants(b) for b in briefs if b not in outcome}
+    done = {b: {item.variant for item in items}
+            for b, items in store.list_items_of([b for b in briefs if b not in outcome]).items()}
     calls: dict[tuple, list[tuple[str, int]]] = {}
     for brief_id in done:
         for adapter, variants in plan_batches(briefs[brief_id], batch_size, frozenset(loaded.adapters)):
@@ -389,28 +383,18 @@ def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedP
         except Exception as exc:  # noqa: BLE001 - recorded on the briefs of this call, the others go on
             failed.update(dict.fromkeys(in_call, f"{type(exc).__name__}: {exc}"))
             continue
-        made: dict[str, list[GeneratedImage]] = {}
-        for (b, _), generated in zip(units, images):
-            made.setdefault(b, []).append(generated)
-        for b, generated in made.items():
-            if b in stopped:
-                continue
-            try:
-                done[b] |= _store_batch(store, [g for g in generated if g.variant not in done[b]], briefs[b], b,
-                                        model_id, revision)
-            except Exception as exc:  # noqa: BLE001 - a disk full, say: this brief fails, its PNGs removed
-                failed[b] = f"{type(exc).__name__}: {exc}"
+        made = [(b, briefs[b], g) for (b, _), g in zip(units, images) if b not in stopped and g.variant not in done[b]]
+        try:
+            for b, variant in _store_images(store, made, model_id, revision):
+                done[b].add(variant)
+        except Exception as exc:  # noqa: BLE001 - a disk full, say: the call's briefs fail, its PNGs removed
+            failed.update(dict.fromkeys(in_call, f"{type(exc).__name__}: {exc}"))
         report(in_call, key[1], key[1], force=True)
 
-    for b in done:
-        if b in outcome:
-            continue
-        if b in lost:
-            outcome[b] = store.get_brief(b)
-        elif b in failed:
-            outcome[b] = store.finish(b, "failed", failed[b])
-        else:
-            outcome[b] = store.finish(b, "succeeded")
+    for b in (b for b in done if b in lost and b not in outcome):
+        outcome[b] = store.get_brief(b)
+    outcome.update(store.finish_runs({b: ("failed", failed[b]) if b in failed else ("succeeded", None)
+                                      for b in done if b not in outcome}))
     return outcome
 
 

@@ -317,6 +317,23 @@ def _to_record(row: BriefRow) -> BriefRecord:
     )
 
 
+def _start_attempt_of(row: BriefRow, max_attempts: int) -> BriefRow:
+    """``Store.start_attempt`` on a row locked for update."""
+    if row.status in TERMINAL_STATUSES:
+        return row
+    if row.cancel_requested:
+        row.status, row.finished_at = "cancelled", utcnow()
+        return row
+    row.attempts += 1
+    if row.attempts > max_attempts:
+        row.status, row.finished_at = "failed", utcnow()
+        row.error = f"abandoned after {max_attempts} deliveries whose workers died"
+    else:
+        row.status, row.error = "running", None
+        row.started_at = row.started_at or utcnow()
+    return row
+
+
 class UnknownBriefError(LookupError):
     pass
 
@@ -485,37 +502,62 @@ class Store:
             row = session.get(BriefRow, brief_id, with_for_update=True)
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
-            if row.status in TERMINAL_STATUSES:
-                return _to_record(row)
-            if row.cancel_requested:
-                row.status, row.finished_at = "cancelled", utcnow()
-                return _to_record(row)
-            row.attempts += 1
-            if row.attempts > max_attempts:
-                row.status, row.finished_at = "failed", utcnow()
-                row.error = f"abandoned after {max_attempts} deliveries whose workers died"
-            else:
-                row.status, row.error = "running", None
-                row.started_at = row.started_at or utcnow()
-            return _to_record(row)
+            return _to_record(_start_attempt_of(row, max_attempts))
+
+    def start_runs(self, brief_ids: list[str], owner: str, lease_s: float,
+                   max_attempts: int) -> tuple[list[BriefRecord], dict[str, BriefRecord]]:
+        """``acquire_lease`` then ``start_attempt`` for several briefs, in one transaction: returns
+        (the briefs ``owner`` now runs, the others as they are: held by another delivery, finished
+        or cancelled, their lease given back). Unknown briefs are left out of both."""
+        taken, others = [], {}
+        with self.sessions.begin() as session:
+            known = set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids))))
+            for brief_id in (b for b in brief_ids if b in known):
+                holder = session.execute(self._lease_statement(brief_id, owner, lease_s)).scalar()
+                row = session.get(BriefRow, brief_id, with_for_update=True)
+                if holder != owner:
+                    others[brief_id] = _to_record(row)
+                    continue
+                record = _to_record(_start_attempt_of(row, max_attempts))
+                if record.status == "running":
+                    taken.append(record)
+                else:
+                    others[brief_id] = record
+                    session.execute(update(BriefRunRow).where(BriefRunRow.brief_id == brief_id).values(owner=None))
+        return taken, others
+
+    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]]) -> dict[str, BriefRecord]:
+        """``finish`` for several briefs (id → (status, error)), in one transaction."""
+        finished = {}
+        with self.sessions.begin() as session:
+            for brief_id, (status, error) in outcomes.items():
+                row = session.get(BriefRow, brief_id)
+                if row.status not in TERMINAL_STATUSES:
+                    row.status, row.error, row.finished_at = status, error, utcnow()
+                finished[brief_id] = _to_record(row)
+        return finished
 
     # -- leases: one running delivery per brief -------------------------------------------
     def acquire_lease(self, brief_id: str, owner: str, lease_s: float) -> bool:
         """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
         or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
         racing for a brief exactly one wins. True when ``owner`` holds it now."""
-        now = utcnow()
-        lapsed = now - timedelta(seconds=lease_s)
-        statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
-                     .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
-                                            where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
-                                            | (BriefRunRow.heartbeat_at < lapsed))
-                     .returning(BriefRunRow.owner))
+        statement = self._lease_statement(brief_id, owner, lease_s)
         try:
             with self.sessions.begin() as session:
                 return session.execute(statement).scalar() == owner
         except IntegrityError:  # the foreign key: no such brief (one statement, no read before it)
             raise UnknownBriefError(f"no brief with id {brief_id!r}") from None
+
+    def _lease_statement(self, brief_id: str, owner: str, lease_s: float):
+        """The atomic upsert that takes a free, released or lapsed lease; returns the holder."""
+        now = utcnow()
+        lapsed = now - timedelta(seconds=lease_s)
+        return (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
+                .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
+                                       where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
+                                       | (BriefRunRow.heartbeat_at < lapsed))
+                .returning(BriefRunRow.owner))
 
     def renew_lease(self, brief_id: str, owner: str) -> bool:
         """The holder's heartbeat. False when ``owner`` no longer holds the lease."""

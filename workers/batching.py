@@ -30,6 +30,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default
 
 COMPANIONS = "companions"  # the leader's request field: the first argument of every other request of its group
+LEADER = "gathered_by"  # a companion's request field: the task id of the leader that did its work
 
 
 class Gatherer:
@@ -61,6 +62,8 @@ class Gatherer:
         leader, companions = group[0], group[1:]
         if companions:
             leader._request_dict[COMPANIONS] = [request.args[0] for request in companions]
+            for companion in companions:
+                companion._request_dict[LEADER] = leader.id
             self.held[leader.id] = companions
         self.leaders.add(leader.id)
         self.handle(leader)
@@ -131,3 +134,8 @@ class GatheredRequest(Request):
 def companions_of(task_request) -> list[str]:
     """In the task: the first arguments of the requests whose work this one does too."""
     return list(getattr(task_request, COMPANIONS, None) or [])
+
+
+def gathered(task_request) -> bool:
+    """In the task: whether a leader did (or tried) this request's work before it."""
+    return getattr(task_request, LEADER, None) is not None

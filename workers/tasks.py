@@ -32,7 +32,7 @@ from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, open_store
 from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
                          enqueue_scoring, generation_messages, generation_task_id)
-from workers.batching import GatheredRequest, companions_of
+from workers.batching import GatheredRequest, companions_of, gathered
 
 logger = get_logger("genshop.workers")
 
@@ -224,7 +224,9 @@ def generate_brief(self, brief_id: str) -> dict:
     settings = get_settings()
     store = worker_store()
     owner = lease_owner(self.request.hostname, os.getpid())
-    if companions := companions_of(self.request):  # their messages follow; each then finds its brief done
+    if gathered(self.request) and (done := store.get_brief(brief_id)).is_terminal:
+        record = done  # its leader finished it: one read, no lease
+    elif companions := companions_of(self.request):  # their messages follow; each then finds its brief done
         records = run_briefs(store, [brief_id, *companions], worker_pipeline(), settings.max_attempts, on_progress,
                              owner=owner, lease_s=settings.lease_timeout)
         record = records.get(brief_id) or store.get_brief(brief_id)
