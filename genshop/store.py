@@ -317,23 +317,6 @@ def _to_record(row: BriefRow) -> BriefRecord:
     )
 
 
-def _start_attempt_of(row: BriefRow, max_attempts: int) -> BriefRow:
-    """``Store.start_attempt`` on a row locked for update."""
-    if row.status in TERMINAL_STATUSES:
-        return row
-    if row.cancel_requested:
-        row.status, row.finished_at = "cancelled", utcnow()
-        return row
-    row.attempts += 1
-    if row.attempts > max_attempts:
-        row.status, row.finished_at = "failed", utcnow()
-        row.error = f"abandoned after {max_attempts} deliveries whose workers died"
-    else:
-        row.status, row.error = "running", None
-        row.started_at = row.started_at or utcnow()
-    return row
-
-
 class UnknownBriefError(LookupError):
     pass
 
@@ -502,28 +485,41 @@ class Store:
             row = session.get(BriefRow, brief_id, with_for_update=True)
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
-            return _to_record(_start_attempt_of(row, max_attempts))
+            if row.status in TERMINAL_STATUSES:
+                return _to_record(row)
+            if row.cancel_requested:
+                row.status, row.finished_at = "cancelled", utcnow()
+                return _to_record(row)
+            row.attempts += 1
+            if row.attempts > max_attempts:
+                row.status, row.finished_at = "failed", utcnow()
+                row.error = f"abandoned after {max_attempts} deliveries whose workers died"
+            else:
+                row.status, row.error = "running", None
+                row.started_at = row.started_at or utcnow()
+            return _to_record(row)
 
     def start_runs(self, brief_ids: list[str], owner: str, lease_s: float,
                    max_attempts: int) -> tuple[list[BriefRecord], dict[str, BriefRecord]]:
-        """``acquire_lease`` then ``start_attempt`` for several briefs, in one transaction: returns
+        """``acquire_lease`` (all in one transaction) then ``start_attempt`` for several briefs: returns
         (the briefs ``owner`` now runs, the others as they are: held by another delivery, finished
         or cancelled, their lease given back). Unknown briefs are left out of both."""
-        taken, others = [], {}
         with self.sessions.begin() as session:
             known = set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids))))
-            for brief_id in (b for b in brief_ids if b in known):
-                holder = session.execute(self._lease_statement(brief_id, owner, lease_s)).scalar()
-                row = session.get(BriefRow, brief_id, with_for_update=True)
-                if holder != owner:
-                    others[brief_id] = _to_record(row)
-                    continue
-                record = _to_record(_start_attempt_of(row, max_attempts))
-                if record.status == "running":
-                    taken.append(record)
-                else:
-                    others[brief_id] = record
-                    session.execute(update(BriefRunRow).where(BriefRunRow.brief_id == brief_id).values(owner=None))
+            held = [b for b in brief_ids if b in known
+                    and session.execute(self._lease_statement(b, owner, lease_s)).scalar() == owner]
+        others = self.get_briefs([b for b in brief_ids if b in known and b not in held])
+        taken = []
+        for brief_id in held:
+            record = self.start_attempt(brief_id, max_attempts)
+            if record.status == "running":
+                taken.append(record)
+            else:
+                others[brief_id] = record
+        if len(taken) < len(held):
+            with self.sessions.begin() as session:
+                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(
+                    [b for b in held if b in others]), BriefRunRow.owner == owner).values(owner=None))
         return taken, others
 
     def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]]) -> dict[str, BriefRecord]:
