@@ -415,7 +415,8 @@ class Store:
     def get_briefs(self, brief_ids: list[str]) -> dict[str, BriefRecord]:
         """The known briefs among ``brief_ids``, by id (one query)."""
         with self.sessions() as session:
-            return {row.id: _to_record(row) for row in session.scalars(select(BriefRow).where(BriefRow.id.in_(brief_ids)))}
+            rows = session.scalars(select(BriefRow).where(BriefRow.id.in_(brief_ids)))
+            return {row.id: _to_record(row) for row in rows}
 
     def list_briefs(self, status: str | None = None, designer: str | None = None, title: str | None = None,
                     newest_first: bool = False, limit: int | None = None, offset: int = 0) -> list[BriefRecord]:

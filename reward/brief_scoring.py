@@ -48,7 +48,8 @@ def score_briefs(store: Store, brief_ids: list[str], scorer: BriefScorer) -> dic
     brief's items are scored for its groups and all the scores are stored in one transaction.
     A brief already scored for all its groups is only read back."""
     brief_ids = list(dict.fromkeys(brief_ids))
-    records, items_of, scores_of = store.get_briefs(brief_ids), store.list_items_of(brief_ids), store.list_scores_of(brief_ids)
+    records, items_of = store.get_briefs(brief_ids), store.list_items_of(brief_ids)
+    scores_of = store.list_scores_of(brief_ids)
     todo = []  # (brief id, prompt, groups, items)
     for brief_id in brief_ids:
         if brief_id not in records:
