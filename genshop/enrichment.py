@@ -202,9 +202,18 @@ def enrich_items(store: Store, enricher: Enricher, items: Sequence[ItemToEnrich]
 
 
 def enrich_brief(store: Store, brief_id: str, enricher: Enricher) -> list[UnderstandingRecord]:
-    items = store.list_items(brief_id)
-    return enrich_items(store, enricher, [ItemToEnrich(id=i.id, kind="generated", image_path=store.images.path(i.image_path),
-                                                       title="") for i in items])
+    return enrich_briefs(store, [brief_id], enricher)[brief_id]
+
+
+def enrich_briefs(store: Store, brief_ids: Sequence[str], enricher: Enricher) -> dict[str, list[UnderstandingRecord]]:
+    """``enrich_brief`` for several briefs at once: one ``enrich_items`` over all their items (one
+    CLIP forward, one index write); returns each brief's understandings."""
+    items = {brief_id: store.list_items(brief_id) for brief_id in dict.fromkeys(brief_ids)}
+    understood = enrich_items(store, enricher, [
+        ItemToEnrich(id=i.id, kind="generated", image_path=store.images.path(i.image_path), title="")
+        for brief_items in items.values() for i in brief_items])
+    by_item = {u.item_id: u for u in understood}
+    return {brief_id: [by_item[i.id] for i in brief_items if i.id in by_item] for brief_id, brief_items in items.items()}
 
 
 class CatalogImportReport(BaseModel):

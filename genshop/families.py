@@ -116,12 +116,14 @@ class Family:
         """Whether ``guidance_scale`` changes the call (classifier-free guidance above 1)."""
         return guidance_scale > 1
 
-    def generation_kwargs(self, pipeline, prompt: str, negative_prompt: str, count: int, guidance_scale: float,
-                          max_sequence_length: int | None = None) -> dict:
+    def generation_kwargs(self, pipeline, prompt: str | list[str], negative_prompt: str, count: int,
+                          guidance_scale: float, max_sequence_length: int | None = None) -> dict:
         """The keyword arguments of ``pipeline(...)`` that depend on the family: prompts,
         negative prompt, guidance and text length (steps, size, generators and the step
-        callback are the same for every family)."""
-        kwargs: dict = {"prompt": [prompt] * count, "guidance_scale": guidance_scale}
+        callback are the same for every family). ``prompt`` is one prompt for ``count``
+        images, or one prompt per image (a batch across briefs)."""
+        prompts = prompt if isinstance(prompt, list) else [prompt] * count
+        kwargs: dict = {"prompt": prompts, "guidance_scale": guidance_scale}
         if self.negative_prompt and negative_prompt and self.uses_guidance(pipeline, guidance_scale):
             kwargs["negative_prompt"] = [negative_prompt] * count
         if (length := self.text_max_length(pipeline, max_sequence_length)) is not None:
@@ -180,8 +182,8 @@ class Flux(Family, FluxTraining):
     def uses_guidance(self, pipeline, guidance_scale: float) -> bool:
         return self.has_guidance_embedding(pipeline)
 
-    def generation_kwargs(self, pipeline, prompt: str, negative_prompt: str, count: int, guidance_scale: float,
-                          max_sequence_length: int | None = None) -> dict:
+    def generation_kwargs(self, pipeline, prompt: str | list[str], negative_prompt: str, count: int,
+                          guidance_scale: float, max_sequence_length: int | None = None) -> dict:
         kwargs = super().generation_kwargs(pipeline, prompt, negative_prompt, count, guidance_scale,
                                            max_sequence_length)
         if not self.has_guidance_embedding(pipeline):

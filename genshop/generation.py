@@ -101,50 +101,25 @@ def generate_batch(
     what differs between families (negative prompt, guidance, T5 length) comes from
     ``loaded.family.generation_kwargs``. Under best-of-N (``brief.best_of`` > 1) the call
     makes every variant's candidates and ``scorer`` picks each variant's kept one."""
-    pipe = loaded.pipeline
     prompt = build_prompt(brief)
     negative = brief.negative_prompt or ""
     n = brief.best_of
     if n > 1 and scorer is None:
         raise ValueError(f"a best-of-{n} brief needs a reward model to pick its candidates")
     seeds = [candidate_seed(brief.seed, v, c) for v in variants for c in range(n)]
-    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    stopped = False
-
-    def step_end(pipeline, step, _timestep, callback_kwargs):
-        nonlocal stopped
-        if on_step:
-            on_step(step + 1, brief.steps)
-        if should_stop():
-            stopped = True
-            pipeline._interrupt = True  # diffusers skips the remaining steps
-        return callback_kwargs
-
     started = time.perf_counter()
-    family_kwargs = loaded.family.generation_kwargs(pipe, prompt, negative, len(seeds), brief.guidance_scale,
-                                                    loaded.preset.defaults.max_sequence_length)
-    with torch.inference_mode():
-        output = pipe(
-            **family_kwargs,
-            num_inference_steps=brief.steps,
-            width=brief.width,
-            height=brief.height,
-            generator=generators,
-            callback_on_step_end=step_end,
-        )
-    if stopped:
-        raise GenerationCancelled()
+    images = _denoise(loaded, prompt, negative, seeds, brief, should_stop, on_step)
     generated_s = time.perf_counter() - started
     if n == 1:
         per_image = generated_s / len(variants)
         return [
             GeneratedImage(variant=v, seed=s, image=img, prompt=prompt, negative_prompt=negative,
                            timings={"generate_s": round(per_image, 6), "batch_size": float(len(variants))})
-            for v, s, img in zip(variants, seeds, output.images)
+            for v, s, img in zip(variants, seeds, images)
         ]
     kept = []
     for i, v in enumerate(variants):
-        candidates, candidate_seeds = output.images[i * n:(i + 1) * n], seeds[i * n:(i + 1) * n]
+        candidates, candidate_seeds = images[i * n:(i + 1) * n], seeds[i * n:(i + 1) * n]
         group = variant_group(brief, v)
         scoring = time.perf_counter()
         scores = [float(x) for x in scorer(candidates, prompt, group)]
@@ -158,6 +133,65 @@ def generate_batch(
             best_of={"n": n, "group": group, "kept": top, "rank": 1, "seeds": candidate_seeds, "scores": scores,
                      "ranks": [order.index(c) + 1 for c in range(n)]}))
     return kept
+
+
+def _denoise(loaded: LoadedPipeline, prompt: str | list[str], negative: str, seeds: list[int], settings: Brief,
+             should_stop: Callable[[], bool], on_step: StepCallback | None) -> list[Image.Image]:
+    """One pipeline call: an image per seed, each from its own ``torch.Generator`` (so an image
+    does not depend on the batch it is in), with ``settings``' steps, guidance and size."""
+    pipe = loaded.pipeline
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    stopped = False
+
+    def step_end(pipeline, step, _timestep, callback_kwargs):
+        nonlocal stopped
+        if on_step:
+            on_step(step + 1, settings.steps)
+        if should_stop():
+            stopped = True
+            pipeline._interrupt = True  # diffusers skips the remaining steps
+        return callback_kwargs
+
+    family_kwargs = loaded.family.generation_kwargs(pipe, prompt, negative, len(seeds), settings.guidance_scale,
+                                                    loaded.preset.defaults.max_sequence_length)
+    with torch.inference_mode():
+        output = pipe(**family_kwargs, num_inference_steps=settings.steps, width=settings.width,
+                      height=settings.height, generator=generators, callback_on_step_end=step_end)
+    if stopped:
+        raise GenerationCancelled()
+    return output.images
+
+
+def shared_call_key(brief: Brief, adapter: str | None) -> tuple:
+    """What variants of different briefs must share to be denoised in one pipeline call: the
+    adapter, steps, guidance, size and negative prompt (the model is the worker's one). Best-of-N
+    briefs keep their own calls (their candidates are scored per variant)."""
+    return (adapter, brief.steps, brief.guidance_scale, brief.width, brief.height, brief.negative_prompt or "",
+            brief.best_of)
+
+
+def generate_across_briefs(
+    loaded: LoadedPipeline,
+    work: list[tuple[Brief, int]],
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: StepCallback | None = None,
+) -> list[GeneratedImage]:
+    """Generate variants of several resolved briefs in one pipeline call: ``work`` is (brief,
+    variant) pairs that share ``shared_call_key``. Each variant has its brief's prompt and
+    its own seeded generator, so its image equals the one ``generate_batch`` makes for its
+    brief alone (up to the float rounding of a different batch size)."""
+    first = work[0][0]
+    if first.best_of != 1 or any(shared_call_key(b, None) != shared_call_key(first, None) for b, _ in work):
+        raise ValueError("variants denoised together must share steps, guidance, size and negative prompt")
+    prompts = [build_prompt(b) for b, _ in work]
+    seeds = [variant_seed(b.seed, v) for b, v in work]
+    negative = first.negative_prompt or ""
+    started = time.perf_counter()
+    images = _denoise(loaded, prompts, negative, seeds, first, should_stop, on_step)
+    per_image = (time.perf_counter() - started) / len(work)
+    return [GeneratedImage(variant=v, seed=s, image=img, prompt=p, negative_prompt=negative,
+                           timings={"generate_s": round(per_image, 6), "batch_size": float(len(work))})
+            for (_, v), s, img, p in zip(work, seeds, images, prompts)]
 
 
 def reward_scorer(model_dir) -> Scorer:

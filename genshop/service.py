@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from genshop.adapters import use_group
 from genshop.briefs import Brief, resolve_brief
-from genshop.generation import GenerationCancelled, generate_batch, plan_batches
+from genshop.generation import (GenerationCancelled, GeneratedImage, generate_across_briefs, generate_batch,
+                                plan_batches, shared_call_key)
 from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
 from genshop.queueing import brief_priority, enqueue_waiting
@@ -34,6 +35,7 @@ class Progress(BaseModel):
 
 
 ProgressCallback = Callable[[Progress], None]
+BriefProgressCallback = Callable[[str, Progress], None]  # (brief id, its progress): several briefs in one run
 
 
 class BriefWithItems(BaseModel):
@@ -91,24 +93,26 @@ def enqueue_brief(store: Store, brief_id: str, enqueue: Callable[[str, int], str
 
 
 class _Heartbeat:
-    """Renews a brief's lease every ``interval_s`` from a daemon thread while the brief runs
+    """Renews the leases of the briefs a delivery runs every ``interval_s`` from a daemon thread
     (a denoising step, an adapter switch or a batch's PNGs may take longer than the lease).
-    ``lost`` turns true if another delivery took the lease over: this one must stop."""
+    ``lost`` holds the briefs another delivery took over: this one must stop them."""
 
-    def __init__(self, store: Store, brief_id: str, owner: str, interval_s: float):
-        self.store, self.brief_id, self.owner, self.interval_s = store, brief_id, owner, interval_s
-        self.lost = False
+    def __init__(self, store: Store, brief_ids: list[str], owner: str, interval_s: float):
+        self.store, self.brief_ids, self.owner, self.interval_s = store, list(brief_ids), owner, interval_s
+        self.lost: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{brief_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.brief_ids[0][:8]}", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                if not self.store.renew_lease(self.brief_id, self.owner):
-                    self.lost = True
-                    return
-            except Exception:  # noqa: BLE001 - a database blip: the next beat tries again, the lease has slack
-                pass
+            for brief_id in self.brief_ids:
+                if brief_id in self.lost:
+                    continue
+                try:
+                    if not self.store.renew_lease(brief_id, self.owner):
+                        self.lost.add(brief_id)
+                except Exception:  # noqa: BLE001 - a database blip: the next beat tries again, the lease has slack
+                    pass
 
     def __enter__(self) -> "_Heartbeat":
         self._thread.start()
@@ -147,7 +151,14 @@ def best_of_timings(record: dict | None) -> dict[str, float]:
 
 
 def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_id: str, revision: str) -> set[int]:
-    """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored.
+    """Write a batch's PNGs, then its item rows in one transaction; returns the variants stored."""
+    return {variant for _, variant in _store_images(store, [(brief_id, brief, g) for g in images], model_id, revision)}
+
+
+def _store_images(store: Store, images: list[tuple[str, Brief, GeneratedImage]], model_id: str,
+                  revision: str) -> list[tuple[str, int]]:
+    """Write a call's PNGs (of one brief or several: (brief id, brief, image)), then their item rows in
+    one transaction; returns the (brief id, variant) pairs stored.
 
     If anything fails (disk full, database error), the PNGs this call created and no row
     refers to are removed again, so a failed write leaves no orphan files (and ``put`` leaves
@@ -155,7 +166,7 @@ def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_
     created: list[tuple[str, str]] = []
     try:
         new_items = []
-        for generated in images:
+        for brief_id, brief, generated in images:
             sha, path, is_new = store.images.put_new(generated.image)
             if is_new:
                 created.append((sha, path))
@@ -175,7 +186,7 @@ def _store_batch(store: Store, images: list, brief: Brief, brief_id: str, model_
             except Exception:  # noqa: BLE001 - best effort; the original error is the one to report
                 pass
         raise
-    return {item.variant for item in new_items}
+    return [(item.brief_id, item.variant) for item in new_items]
 
 
 def run_brief(
@@ -211,8 +222,9 @@ def run_brief(
         record = store.start_attempt(brief_id, max_attempts)
         if record.status != "running":
             return record
-        with _Heartbeat(store, brief_id, owner, max(0.5, lease_s / 4)) as heartbeat:
-            return _generate_missing(store, record, loaded, on_progress, progress_interval_s, heartbeat)
+        with _Heartbeat(store, [brief_id], owner, max(0.5, lease_s / 4)) as heartbeat:
+            return _generate_missing(store, record, loaded, on_progress, progress_interval_s,
+                                     lambda: brief_id in heartbeat.lost)
     finally:
         try:
             store.release_lease(brief_id, owner)
@@ -221,10 +233,11 @@ def run_brief(
 
 
 def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline, on_progress: ProgressCallback | None,
-                      progress_interval_s: float, heartbeat: _Heartbeat) -> BriefRecord:
+                      progress_interval_s: float, lost: Callable[[], bool]) -> BriefRecord:
     brief_id, brief = record.id, record.brief
     batches = plan_batches(brief, loaded.preset.defaults.batch_size, frozenset(loaded.adapters))
     done = store.existing_variants(brief_id)
+    final: Progress | None = None
     last_write = time.monotonic()  # the first progress report comes progress_interval_s in, or at a batch's end
 
     def report(progress: Progress, force: bool = False) -> None:
@@ -248,20 +261,145 @@ def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline,
                                 batch=index + 1, batches=len(batches)))
 
             images = generate_batch(loaded, brief, variants,
-                                    lambda: heartbeat.lost or store.is_cancel_requested(brief_id), on_step,
+                                    lambda: lost() or store.is_cancel_requested(brief_id), on_step,
                                     scorer=best_of_scorer() if brief.best_of > 1 else None)
             done |= _store_batch(store, [g for g in images if g.variant not in done], brief, brief_id, model_id,
                                  revision)
-            report(Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,
-                            steps=brief.steps, batch=index + 1, batches=len(batches)), force=True)
+            progress = Progress(variants_done=len(done), variants_total=brief.variants, step=brief.steps,
+                                steps=brief.steps, batch=index + 1, batches=len(batches))
+            if index < len(batches) - 1:
+                report(progress, force=True)
+            else:  # stored with the finish, in its transaction; no RUNNING note just before the result
+                final = progress
     except GenerationCancelled:
-        if heartbeat.lost:  # another delivery took the brief over: it finishes it, not this one
+        if lost():  # another delivery took the brief over: it finishes it, not this one
             return store.get_brief(brief_id)
         return store.finish(brief_id, "cancelled")
     except Exception as exc:
         store.finish(brief_id, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    return store.finish(brief_id, "succeeded")
+    return store.finish(brief_id, "succeeded", progress=final and final.model_dump())
+
+
+def run_briefs(
+    store: Store,
+    brief_ids: list[str],
+    loaded: LoadedPipeline,
+    max_attempts: int,
+    on_progress: BriefProgressCallback | None = None,
+    progress_interval_s: float = 0.25,
+    owner: str | None = None,
+    lease_s: float = 60.0,
+) -> dict[str, BriefRecord]:
+    """``run_brief`` for several briefs in one delivery, their variants denoised together.
+
+    Each brief is taken as ``run_brief`` takes it (its own lease, attempt and finish; one
+    another delivery holds, or that is finished or cancelled, is returned as it is). The
+    variants still missing are grouped by ``generation.shared_call_key`` (adapter, steps,
+    guidance, size, negative prompt) and each group is denoised in calls of up to the
+    preset's batch size, whichever brief the variants belong to; every variant keeps its own
+    seeded generator. Best-of-N briefs run alone, as in ``run_brief``.
+
+    Per brief, as alone: progress goes to the store (one write for every brief of a call)
+    and to ``on_progress``; a cancel stops the brief at the next denoising step (it is
+    finished as cancelled then, its images of that call are dropped, and the call goes on for
+    the others, or stops when no brief in it is left); an error fails the briefs of the call
+    that raised it. Returns every brief's record that this delivery saw, by id."""
+    owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    taken, records = store.start_runs(list(dict.fromkeys(brief_ids)), owner, lease_s, max_attempts)
+    try:
+        if taken:
+            with _Heartbeat(store, [r.id for r in taken], owner, max(0.5, lease_s / 4)) as heartbeat:
+                records.update(_generate_together(store, taken, loaded, on_progress, progress_interval_s,
+                                                  heartbeat.lost))
+    finally:
+        if taken:
+            try:  # every lease this run holds, in one write (an owner runs one group at a time)
+                store.release_leases_of(owner)
+            except Exception:  # noqa: BLE001 - the leases lapse by themselves
+                pass
+    return records
+
+
+def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedPipeline,
+                       on_progress: BriefProgressCallback | None, progress_interval_s: float,
+                       lost: set[str]) -> dict[str, BriefRecord]:
+    briefs = {r.id: r.brief for r in records}
+    outcome: dict[str, BriefRecord] = {}
+    for record in (r for r in records if r.brief.best_of > 1):
+        outcome[record.id] = _generate_missing(
+            store, record, loaded, on_progress and (lambda p, b=record.id: on_progress(b, p)), progress_interval_s,
+            lambda b=record.id: b in lost)
+    batch_size = loaded.preset.defaults.batch_size
+    done = {b: {item.variant for item in items}
+            for b, items in store.list_items_of([b for b in briefs if b not in outcome]).items()}
+    calls: dict[tuple, list[tuple[str, int]]] = {}
+    for brief_id in done:
+        for adapter, variants in plan_batches(briefs[brief_id], batch_size, frozenset(loaded.adapters)):
+            calls.setdefault(shared_call_key(briefs[brief_id], adapter), []).extend(
+                (brief_id, v) for v in variants if v not in done[brief_id])
+    chunks = [(key, units[start:start + batch_size]) for key, units in calls.items()
+              for start in range(0, len(units), batch_size)]
+    batches = {b: sum(any(u == b for u, _ in units) for _, units in chunks) for b in done}
+    batch_of = dict.fromkeys(done, 0)
+    stopped: set[str] = set()  # cancelled, or taken over by another delivery
+    failed: dict[str, str] = {}
+    last_write = time.monotonic()
+
+    def report(in_call: list[str], step: int, steps: int, force: bool = False) -> None:
+        nonlocal last_write
+        now = time.monotonic()
+        if not (force or now - last_write >= progress_interval_s):
+            return
+        last_write = now
+        progress = {b: Progress(variants_done=len(done[b]), variants_total=briefs[b].variants, step=step, steps=steps,
+                                batch=batch_of[b], batches=batches[b]) for b in in_call if b not in stopped}
+        store.update_progress_many({b: p.model_dump() for b, p in progress.items()})
+        if on_progress:  # not after a brief's last call: its result follows at once
+            for b, p in progress.items():
+                if not (force and p.batch == p.batches):
+                    on_progress(b, p)
+
+    for key, units in chunks:
+        units = [(b, v) for b, v in units if b not in stopped and b not in failed]
+        if not units:
+            continue
+        in_call = list(dict.fromkeys(b for b, _ in units))
+        for b in in_call:
+            batch_of[b] += 1
+
+        def should_stop(in_call=in_call) -> bool:
+            cancelled = store.cancel_requested_among([b for b in in_call if b not in stopped])
+            for b in in_call:
+                if b not in stopped and (b in lost or b in cancelled):
+                    stopped.add(b)
+                    if b not in lost:  # taken over: the other delivery finishes it, not this one
+                        outcome[b] = store.finish(b, "cancelled")
+            return all(b in stopped for b in in_call)
+
+        try:
+            use_group(loaded.pipeline, key[0], loaded.adapters)
+            model_id, revision = loaded.identity(key[0])
+            images = generate_across_briefs(loaded, [(briefs[b], v) for b, v in units], should_stop,
+                                            lambda step, steps, in_call=in_call: report(in_call, step, steps))
+        except GenerationCancelled:
+            continue
+        except Exception as exc:  # noqa: BLE001 - recorded on the briefs of this call, the others go on
+            failed.update(dict.fromkeys(in_call, f"{type(exc).__name__}: {exc}"))
+            continue
+        made = [(b, briefs[b], g) for (b, _), g in zip(units, images) if b not in stopped and g.variant not in done[b]]
+        try:
+            for b, variant in _store_images(store, made, model_id, revision):
+                done[b].add(variant)
+        except Exception as exc:  # noqa: BLE001 - a disk full, say: the call's briefs fail, its PNGs removed
+            failed.update(dict.fromkeys(in_call, f"{type(exc).__name__}: {exc}"))
+        report(in_call, key[1], key[1], force=True)
+
+    for b in (b for b in done if b in lost and b not in outcome):
+        outcome[b] = store.get_brief(b)
+    outcome.update(store.finish_runs({b: ("failed", failed[b]) if b in failed else ("succeeded", None)
+                                      for b in done if b not in outcome}))
+    return outcome
 
 
 def requeue_stale(store: Store, enqueue: Callable[[str, int], str], older_than_s: float,

@@ -57,6 +57,11 @@ class Settings(BaseModel):
     requeue_after: int = Field(description="GENSHOP_REQUEUE_AFTER: seconds untouched before a worker requeues a brief")
     lease_timeout: int = Field(description="GENSHOP_LEASE_TIMEOUT: seconds without a heartbeat before a running "
                                            "brief's lease lapses and another delivery may take it over")
+    gather_window_ms: int = Field(default=0, ge=0, description="GENSHOP_GATHER_WINDOW_MS: the longest a task "
+                                  "waits in a worker with a free pool process for others to share its pool job "
+                                  "(0: none; tasks that arrive while the pool is busy gather anyway)")
+    gather_max: int = Field(default=8, ge=1, le=64, description="GENSHOP_GATHER_MAX: tasks of one queue done "
+                            "together (briefs denoised in shared calls, one CLIP forward); 1: one at a time")
     process_start_timeout: int = Field(description="GENSHOP_PROCESS_START_TIMEOUT: seconds a new pool process may "
                                                    "take to load its models before Celery kills it")
     api_tokens: dict[str, SecretStr] = Field(description="designer → API token, from GENSHOP_API_TOKENS_FILE (YAML "
@@ -151,6 +156,8 @@ def get_settings() -> Settings:
         max_attempts=int(_env("GENSHOP_MAX_ATTEMPTS", "2")),
         lease_timeout=int(_env("GENSHOP_LEASE_TIMEOUT", str(max(5, min(60, visibility // 3))))),
         process_start_timeout=int(_env("GENSHOP_PROCESS_START_TIMEOUT", "300")),
+        gather_window_ms=int(_env("GENSHOP_GATHER_WINDOW_MS", "0")),
+        gather_max=int(_env("GENSHOP_GATHER_MAX", "8")),
         api_tokens=_api_tokens(),
         api_max_queued=int(_env("GENSHOP_API_MAX_QUEUED", "10")),
         api_max_upload_bytes=int(_env("GENSHOP_API_MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))),

@@ -577,6 +577,12 @@ class Store:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
             return _to_record(row)
 
+    def get_briefs(self, brief_ids: list[str]) -> dict[str, BriefRecord]:
+        """The known briefs among ``brief_ids``, by id (one query)."""
+        with self.sessions() as session:
+            rows = session.scalars(select(BriefRow).where(BriefRow.id.in_(brief_ids)))
+            return {row.id: _to_record(row) for row in rows}
+
     def list_briefs(self, status: str | None = None, designer: str | None = None, title: str | None = None,
                     newest_first: bool = False, limit: int | None = None, offset: int = 0) -> list[BriefRecord]:
         with self.sessions() as session:
@@ -666,21 +672,61 @@ class Store:
                 row.started_at = row.started_at or utcnow()
             return _to_record(row)
 
+    def start_runs(self, brief_ids: list[str], owner: str, lease_s: float,
+                   max_attempts: int) -> tuple[list[BriefRecord], dict[str, BriefRecord]]:
+        """``acquire_lease`` (all in one transaction) then ``start_attempt`` for several briefs: returns
+        (the briefs ``owner`` now runs, the others as they are: held by another delivery, finished
+        or cancelled, their lease given back). Unknown briefs are left out of both."""
+        with self.sessions.begin() as session:
+            known = set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids))))
+            held = [b for b in brief_ids if b in known
+                    and session.execute(self._lease_statement(b, owner, lease_s)).scalar() == owner]
+        others = self.get_briefs([b for b in brief_ids if b in known and b not in held])
+        taken = []
+        for brief_id in held:
+            record = self.start_attempt(brief_id, max_attempts)
+            if record.status == "running":
+                taken.append(record)
+            else:
+                others[brief_id] = record
+        if len(taken) < len(held):
+            with self.sessions.begin() as session:
+                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(
+                    [b for b in held if b in others]), BriefRunRow.owner == owner).values(owner=None))
+        return taken, others
+
+    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]]) -> dict[str, BriefRecord]:
+        """``finish`` for several briefs (id → (status, error)), in one transaction."""
+        finished = {}
+        with self.sessions.begin() as session:
+            for brief_id, (status, error) in outcomes.items():
+                row = session.get(BriefRow, brief_id)
+                if row.status not in TERMINAL_STATUSES:
+                    row.status, row.error, row.finished_at = status, error, utcnow()
+                finished[brief_id] = _to_record(row)
+        return finished
+
     # -- leases: one running delivery per brief -------------------------------------------
     def acquire_lease(self, brief_id: str, owner: str, lease_s: float) -> bool:
         """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
         or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
         racing for a brief exactly one wins. True when ``owner`` holds it now."""
-        self.get_brief(brief_id)  # an unknown brief raises UnknownBriefError, not a foreign-key error
+        statement = self._lease_statement(brief_id, owner, lease_s)
+        try:
+            with self.sessions.begin() as session:
+                return session.execute(statement).scalar() == owner
+        except IntegrityError:  # the foreign key: no such brief (one statement, no read before it)
+            raise UnknownBriefError(f"no brief with id {brief_id!r}") from None
+
+    def _lease_statement(self, brief_id: str, owner: str, lease_s: float):
+        """The atomic upsert that takes a free, released or lapsed lease; returns the holder."""
         now = utcnow()
         lapsed = now - timedelta(seconds=lease_s)
-        statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
-                     .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
-                                            where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
-                                            | (BriefRunRow.heartbeat_at < lapsed))
-                     .returning(BriefRunRow.owner))
-        with self.sessions.begin() as session:
-            return session.execute(statement).scalar() == owner
+        return (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
+                .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
+                                       where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
+                                       | (BriefRunRow.heartbeat_at < lapsed))
+                .returning(BriefRunRow.owner))
 
     def renew_lease(self, brief_id: str, owner: str) -> bool:
         """The holder's heartbeat. False when ``owner`` no longer holds the lease."""
@@ -696,6 +742,16 @@ class Store:
             result = session.execute(update(BriefRunRow).where(
                 BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(owner=None))
             return result.rowcount == 1
+
+    def release_leases_of(self, owner: str) -> list[str]:
+        """Give up every lease ``owner`` holds (its process died while running several briefs
+        together); returns those briefs."""
+        with self.sessions.begin() as session:
+            released = list(session.scalars(select(BriefRunRow.brief_id).where(BriefRunRow.owner == owner)))
+            if released:
+                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(released),
+                                                          BriefRunRow.owner == owner).values(owner=None))
+            return released
 
     def lease_owner(self, brief_id: str) -> str | None:
         with self.sessions() as session:
@@ -717,11 +773,15 @@ class Store:
     def update_progress(self, brief_id: str, progress: dict[str, Any]) -> None:
         self._update(brief_id, progress=progress)
 
-    def finish(self, brief_id: str, status: BriefStatus, error: str | None = None) -> BriefRecord:
+    def finish(self, brief_id: str, status: BriefStatus, error: str | None = None,
+               progress: dict[str, Any] | None = None) -> BriefRecord:
+        """End the brief (a finished one is left as it is), with its last ``progress`` in the same write."""
         with self.sessions.begin() as session:
             row = session.get(BriefRow, brief_id)
             if row.status not in TERMINAL_STATUSES:
                 row.status, row.error, row.finished_at = status, error, utcnow()
+                if progress is not None:
+                    row.progress = progress
             return _to_record(row)
 
     def request_cancel(self, brief_id: str) -> BriefRecord:
@@ -736,6 +796,22 @@ class Store:
                 if row.status in WAITING_STATUSES:
                     row.status, row.finished_at = "cancelled", utcnow()
             return _to_record(row)
+
+    def update_progress_many(self, progress: dict[str, dict[str, Any]]) -> None:
+        """``update_progress`` for several briefs (denoised in one call), in one transaction."""
+        if not progress:
+            return
+        with self.sessions.begin() as session:
+            for brief_id, values in progress.items():
+                session.execute(update(BriefRow).where(BriefRow.id == brief_id).values(progress=values))
+
+    def cancel_requested_among(self, brief_ids: list[str]) -> set[str]:
+        """The briefs among ``brief_ids`` whose cancel was requested (one query)."""
+        if not brief_ids:
+            return set()
+        with self.sessions() as session:
+            return set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids),
+                                                                 BriefRow.cancel_requested.is_(True))))
 
     def is_cancel_requested(self, brief_id: str) -> bool:
         with self.sessions() as session:
@@ -765,6 +841,15 @@ class Store:
         with self.sessions() as session:
             rows = session.scalars(select(ItemRow).where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant))
             return [ItemRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def list_items_of(self, brief_ids: list[str]) -> dict[str, list[ItemRecord]]:
+        """``list_items`` of several briefs in one query: brief id → its items by variant."""
+        found: dict[str, list[ItemRecord]] = {brief_id: [] for brief_id in brief_ids}
+        with self.sessions() as session:
+            for row in session.scalars(select(ItemRow).where(ItemRow.brief_id.in_(brief_ids))
+                                       .order_by(ItemRow.brief_id, ItemRow.variant)):
+                found[row.brief_id].append(ItemRecord.model_validate(row, from_attributes=True))
+        return found
 
     def get_items(self, item_ids: list[str]) -> list[ItemRecord]:
         """The generated items among ``item_ids`` (other ids, such as catalog products', are left out)."""
@@ -861,6 +946,17 @@ class Store:
             rows = session.scalars(select(ScoreRow).join(ItemRow, ItemRow.id == ScoreRow.item_id)
                                    .where(ItemRow.brief_id == brief_id).order_by(ItemRow.variant, ScoreRow.group_id))
             return [ScoreRecord.model_validate(r, from_attributes=True) for r in rows]
+
+    def list_scores_of(self, brief_ids: list[str]) -> dict[str, list[ScoreRecord]]:
+        """``list_scores`` of several briefs in one query: brief id → its scores."""
+        found: dict[str, list[ScoreRecord]] = {brief_id: [] for brief_id in brief_ids}
+        with self.sessions() as session:
+            rows = session.execute(select(ScoreRow, ItemRow.brief_id).join(ItemRow, ItemRow.id == ScoreRow.item_id)
+                                   .where(ItemRow.brief_id.in_(brief_ids))
+                                   .order_by(ItemRow.brief_id, ItemRow.variant, ScoreRow.group_id))
+            for score, brief_id in rows:
+                found[brief_id].append(ScoreRecord.model_validate(score, from_attributes=True))
+        return found
 
     # -- catalog products ---------------------------------------------------------------
     def add_catalog_products(self, products: list[NewCatalogProduct]) -> int:

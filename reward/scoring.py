@@ -60,7 +60,7 @@ def load_scorer(model_dir: str | Path, device: str = "cpu", embedding: Embedding
     return model, embedder
 
 
-def _as_image(image: Image.Image | str | Path) -> Image.Image:
+def as_image(image: Image.Image | str | Path) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
 
 
@@ -96,6 +96,6 @@ def score_images(model: RewardModel, embedder: Embedder, images: Sequence[Image.
     """Per group, the reward of every image for this brief (images as PIL images or file paths)."""
     if not images:
         return {g: GroupScores(group_id=g, scored_as=g, fallback=False, rewards=[], probabilities=[]) for g in group_ids}
-    image_embeddings = embedder.embed_images([_as_image(image) for image in images])
+    image_embeddings = embedder.embed_images([as_image(image) for image in images])
     brief_embedding = embedder.embed_texts([brief_text])[0]
     return score_embeddings(model, image_embeddings, brief_embedding, list(dict.fromkeys(group_ids)))

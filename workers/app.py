@@ -3,8 +3,10 @@
 Reliability settings, and why:
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged only after it
   ran, so a worker killed mid-brief leaves the message to be delivered again.
-- ``worker_prefetch_multiplier=1``: a worker holds one brief at a time, not a backlog that
-  would wait behind a long generation (and be redelivered with it).
+- ``worker_prefetch_multiplier``: twice ``GENSHOP_GATHER_MAX`` per process, so a worker holds
+  the next group while one runs (``workers.batching``: tasks done together); 1 with
+  ``GENSHOP_GATHER_MAX=1``, a worker then holds one brief at a time. Held messages are
+  unacknowledged: those of a worker killed whole come back after the visibility timeout.
 - ``visibility_timeout`` above the hard time limit: Redis redelivers unacked messages only
   after this long, so a task still running is never handed to a second worker, and a
   dead worker's task comes back once that time has passed (any live or restarted
@@ -51,7 +53,7 @@ def create_app() -> Celery:
         result_accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=2 * settings.gather_max if settings.gather_max > 1 else 1,
         worker_proc_alive_timeout=float(settings.process_start_timeout),
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,

@@ -6,7 +6,12 @@ worker process, in ``worker_process_init`` (after the prefork pool forked, never
 parent), and kept for every task that process runs. A generated brief is queued for
 enrichment (when an embedding model is configured) and, with target groups, for scoring,
 once per brief. The parent runs the requeue sweep (``genshop.service.requeue_stale``) and
-releases the lease of a brief whose pool process died (``GenerationRequest``).
+releases the leases of the briefs whose pool process died (``GenerationRequest``).
+
+Each task gathers (``workers.batching``): a message that waited with others while the pool
+was busy may reach its task with ``companions``, the briefs of those other messages, and the
+task does their work too (``run_briefs``, ``score_briefs``, ``enrich_briefs``); their own
+messages follow and find it done.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.utils.log import get_logger
-from celery.worker.request import Request
 
 from genshop.pipelines import LoadedPipeline, load_pipeline
-from genshop.service import Progress, requeue_stale, run_brief
+from genshop.service import Progress, requeue_stale, run_brief, run_briefs
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, open_store
 from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
-                         enqueue_scoring, generation_messages)
+                         enqueue_scoring, generation_messages, generation_task_id)
+from workers.batching import GatheredRequest, companions_of, gathered
 
 logger = get_logger("genshop.workers")
 
@@ -150,19 +155,21 @@ def lease_owner(hostname: str, pid: int) -> str:
     return f"{hostname}:{pid}"
 
 
-class GenerationRequest(Request):
+class GenerationRequest(GatheredRequest):
     """The main process's side of a generation task: when the pool process running it dies
-    (SIGKILL, OOM), release the brief's lease *before* Celery requeues the
-    message, so the redelivery runs the brief at once instead of finding it held by the dead."""
+    (SIGKILL, OOM), release the leases of the briefs it ran (its own and its companions')
+    *before* Celery requeues the message, so the redelivery runs the brief at once instead of
+    finding it held by the dead."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
         if isinstance(exc, (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)) and self.worker_pid:
             brief_id = (self.args or [None])[0]
             try:
-                if brief_id and main_store().release_lease(brief_id, lease_owner(self.hostname, self.worker_pid)):
-                    logger.warning("brief %s: pool process %s died running it (%s); lease released",
-                                   brief_id, self.worker_pid, type(exc).__name__)
+                released = main_store().release_leases_of(lease_owner(self.hostname, self.worker_pid))
+                if released:
+                    logger.warning("brief %s: pool process %s died running it (%s); lease released for %s",
+                                   brief_id, self.worker_pid, type(exc).__name__, ", ".join(released))
             except Exception:  # noqa: BLE001 - the lease lapses by itself; the redelivery or the sweep takes it then
                 logger.exception("could not release the lease of brief %s", brief_id)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
@@ -204,18 +211,29 @@ def queue_followups(store: Store, record: BriefRecord) -> dict:
     return sent
 
 
-@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest)
+@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest, Strategy="workers.batching:gathering")
 def generate_brief(self, brief_id: str) -> dict:
-    def on_progress(progress: Progress) -> None:
+    def on_progress(progress_of: str, progress: Progress) -> None:
         try:  # best effort: the store holds the same progress, and a broker blip must not fail the brief
-            self.update_state(state="RUNNING", meta={"brief_id": brief_id, **progress.model_dump()})
+            task_id = self.request.id if progress_of == brief_id else generation_task_id(progress_of)
+            self.update_state(task_id=task_id, state="RUNNING",
+                              meta={"brief_id": progress_of, **progress.model_dump()})
         except Exception:  # noqa: BLE001
             pass
 
     settings = get_settings()
     store = worker_store()
-    record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts, on_progress,
-                       owner=lease_owner(self.request.hostname, os.getpid()), lease_s=settings.lease_timeout)
+    owner = lease_owner(self.request.hostname, os.getpid())
+    if gathered(self.request) and (done := store.get_brief(brief_id)).is_terminal:
+        record = done  # its leader finished it: one read, no lease
+    elif companions := companions_of(self.request):  # their messages follow; each then finds its brief done
+        records = run_briefs(store, [brief_id, *companions], worker_pipeline(), settings.max_attempts, on_progress,
+                             owner=owner, lease_s=settings.lease_timeout)
+        record = records.get(brief_id) or store.get_brief(brief_id)
+    else:
+        record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts,
+                           lambda progress: on_progress(brief_id, progress), owner=owner,
+                           lease_s=settings.lease_timeout)
     if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
         raise Ignore()  # acknowledged, and the running delivery's task state is left to it
     if record.status == "paused":  # a pause covers it: resuming the queue sends it a new message
@@ -231,18 +249,32 @@ def generate_brief(self, brief_id: str) -> dict:
     return result
 
 
-@app.task(name=SCORE_TASK)
-def score_brief(brief_id: str) -> dict:
-    from reward.brief_scoring import score_brief as score_stored_brief
+def together_or_alone(run, brief_id: str, companions: list[str]):
+    """``run(brief_ids)[brief_id]`` over the brief and its companions; if the group fails (one
+    brief's unreadable image, say), the brief alone: each companion's own message follows and
+    does the same for itself, so one bad brief fails only itself."""
+    if companions:
+        try:
+            return run([brief_id, *companions])[brief_id]
+        except Exception:  # noqa: BLE001 - logged; the brief is retried alone right here
+            logger.exception("brief %s: the group of %d failed; running it alone", brief_id, 1 + len(companions))
+    return run([brief_id])[brief_id]
 
-    scores = score_stored_brief(worker_store(), brief_id, worker_scorer())
+
+@app.task(bind=True, name=SCORE_TASK, Request=GatheredRequest, Strategy="workers.batching:gathering")
+def score_brief(self, brief_id: str) -> dict:
+    from reward.brief_scoring import score_briefs
+
+    scores = together_or_alone(lambda ids: score_briefs(worker_store(), ids, worker_scorer()), brief_id,
+                               companions_of(self.request))
     return {"brief_id": brief_id, "scores": len(scores), "worker_pid": os.getpid()}
 
 
-@app.task(name=ENRICH_TASK)
-def enrich_brief(brief_id: str) -> dict:
-    from genshop.enrichment import enrich_brief as enrich_stored_brief
+@app.task(bind=True, name=ENRICH_TASK, Request=GatheredRequest, Strategy="workers.batching:gathering")
+def enrich_brief(self, brief_id: str) -> dict:
+    from genshop.enrichment import enrich_briefs
 
-    understood = enrich_stored_brief(worker_store(), brief_id, worker_enricher())
+    understood = together_or_alone(lambda ids: enrich_briefs(worker_store(), ids, worker_enricher()), brief_id,
+                                   companions_of(self.request))
     duplicates = sum(1 for u in understood if u.near_duplicate_of)
     return {"brief_id": brief_id, "items": len(understood), "near_duplicates": duplicates, "worker_pid": os.getpid()}

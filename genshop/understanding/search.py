@@ -9,6 +9,9 @@ chunk that inflates past Pillow's ``MAX_TEXT_CHUNK`` included), or one larger th
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +52,65 @@ def load_query_image(path: str | Path) -> Image.Image:
         raise QueryError("image", f"{path} is not a readable image ({exc})") from exc
 
 
+def checked_text(text: str) -> str:
+    """A text query as it is embedded (stripped), refused when empty or too long."""
+    if not text.strip():
+        raise QueryError("query", "is empty")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError("query", f"is {len(text)} characters; at most {MAX_QUERY_CHARS}")
+    return text.strip()
+
+
+class TextVectorCache:
+    """Text-query embeddings of one embedder, the most recently used ``size`` kept (a shop's
+    queries repeat: "red kurta" is embedded once, not once per request). Thread-safe."""
+
+    def __init__(self, embedder: Embedder, size: int = 4096):
+        self.embedder, self.size = embedder, size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """``[len(texts), dim]`` unit vectors of checked texts; the ones not cached embedded in one call."""
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            embedded = self.embedder.embed_texts(missing)
+            with self._lock:
+                self._vectors.update(zip(missing, embedded))
+        with self._lock:
+            rows = []
+            for text in texts:
+                vector = self._vectors.get(text)
+                if vector is None:  # evicted meanwhile by a burst of other queries
+                    vector = self.embedder.embed_texts([text])[0]
+                self._vectors[text] = vector
+                self._vectors.move_to_end(text)
+                rows.append(vector)
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+        return np.stack(rows)
+
+
+def search_texts(index: VectorIndex, cache: TextVectorCache, texts: Sequence[str], k: int,
+                 filters: Filters | None = None) -> list[list[SearchHit]]:
+    """Several text queries at once: their vectors (cached, the rest in one CLIP forward) and one index search."""
+    if k < 1:
+        raise QueryError("k", "must be at least 1")
+    return index.search(cache.vectors([checked_text(t) for t in texts]), k=k, filters=filters)
+
+
 def query_vector(embedder: Embedder, text: str | None = None, image: str | Path | None = None) -> np.ndarray:
     """One unit vector: the text's, the image's, or (both given) their normalised sum."""
-    if text is not None and not text.strip():
-        raise QueryError("query", "is empty")
-    if text is not None and len(text) > MAX_QUERY_CHARS:
-        raise QueryError("query", f"is {len(text)} characters; at most {MAX_QUERY_CHARS}")
+    if text is not None:
+        text = checked_text(text)
     if text is None and image is None:
         raise QueryError("query", "give a text query, an image, or both")
     parts = []
     if image is not None:
         parts.append(embedder.embed_images([load_query_image(image)])[0])
     if text is not None:
-        parts.append(embedder.embed_texts([text.strip()])[0])
+        parts.append(embedder.embed_texts([text])[0])
     vector = np.sum(parts, axis=0)
     return vector / np.linalg.norm(vector)
 

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from genshop.briefs import MAX_BRIEF_FILE_BYTES, Brief, BriefError
 from genshop.experiments.manifest import Arms, ExperimentInputError, Manifest
@@ -47,6 +47,7 @@ from genshop.understanding.index import IndexInputError, VectorIndex
 from genshop.understanding.search import MAX_QUERY_CHARS, QueryError
 from genshop.web.auth import TOKEN_COOKIE, current_designer, designer_for_token
 from genshop.web.limits import BodySizeLimit
+from genshop.web.query_batching import QueryBatcher
 from genshop.web.security import SecurityHeaders
 from workers.app import check_broker, enqueue_generation, enqueue_new_brief, revoke_task, withdraw_generation_messages
 
@@ -398,7 +399,6 @@ def _search(request: Request, designer: str, text: str | None, image: Path | Non
     from genshop.understanding.search import search
 
     settings: Settings = request.app.state.settings
-    store: Store = request.app.state.store
     if settings.embedding_model is None:
         raise HTTPException(503, "search is off (GENSHOP_EMBEDDING_MODEL is 'off')")
     index = current_index(settings.index_dir, settings.index_url)
@@ -406,24 +406,72 @@ def _search(request: Request, designer: str, text: str | None, image: Path | Non
         return []
     try:
         hits = search(index, _embedder(settings.embedding_model, settings.device), text, image,
-                      k=min(len(index), 4 * k + 16))  # room for other designers' items, dropped below
+                      k=min(len(index), overfetch(k)))
     except (QueryError, IndexInputError) as exc:
         field = {"query": "q"}.get(exc.field, exc.field)
         message = str(exc).partition(": ")[2].replace(str(image), "the upload")
         raise field_errors([(field, message)], "query" if image is None else "body") from None
-    generated = {item.id: item.brief_id for item in store.get_items([h.id for h in hits])}
+    return visible_hits(request.app.state.store, {designer: hits}, k)[designer]
+
+
+def overfetch(k: int) -> int:
+    return 4 * k + 16  # room for other designers' items, dropped by visible_hits
+
+
+def visible_hits(store: Store, hits_of: dict, k: int) -> dict:
+    """Each asker's hits (asker → hits) less other designers' generated items, the top ``k`` as views.
+    An asker is a designer, or (designer, anything) for several queries of one batch."""
+    maybe_generated = list({h.id for hits in hits_of.values() for h in hits if h.metadata.get("kind") != "catalog"})
+    generated = {item.id: item.brief_id for item in store.get_items(maybe_generated)} if maybe_generated else {}
     owners = {brief_id: store.designer_of(brief_id) for brief_id in set(generated.values())}
-    visible = [h for h in hits if h.id not in generated or owners[generated[h.id]] == designer][:k]
-    return [SearchHitView(id=h.id, kind=h.metadata.get("kind", ""), score=h.score, title=h.metadata.get("title", ""),
-                          image_url=image_url(h.id), metadata={k: v for k, v in h.metadata.items() if k != "image_path"})
-            for h in visible]
+    views = {}
+    for asker, hits in hits_of.items():
+        designer = asker[0] if isinstance(asker, tuple) else asker
+        visible = [h for h in hits if h.id not in generated or owners[generated[h.id]] == designer][:k]
+        views[asker] = [SearchHitView(id=h.id, kind=h.metadata.get("kind", ""), score=h.score,
+                                      title=h.metadata.get("title", ""), image_url=image_url(h.id),
+                                      metadata={key: v for key, v in h.metadata.items() if key != "image_path"})
+                        for h in visible]
+    return views
+
+
+SEARCH_HITS = TypeAdapter(list[SearchHitView])
+
+
+def answer_text_searches(app: FastAPI, queries: list[tuple[str, str, int]]) -> list[bytes]:
+    """Concurrent text searches (designer, checked text, k) answered together, on a worker thread:
+    their vectors from the cache or one CLIP forward, one index search, one ownership read; each
+    answer's JSON made here too, so the event loop only sends it."""
+    from genshop.understanding.search import TextVectorCache, search_texts
+
+    settings: Settings = app.state.settings
+    index = current_index(settings.index_dir, settings.index_url)
+    if index is None:
+        return [b"[]" for _ in queries]
+    embedder = _embedder(settings.embedding_model, settings.device)
+    if getattr(app.state, "text_vectors", None) is None or app.state.text_vectors.embedder is not embedder:
+        app.state.text_vectors = TextVectorCache(embedder)
+    k = max(k for _, _, k in queries)
+    hits = search_texts(index, app.state.text_vectors, [text for _, text, _ in queries], min(len(index), overfetch(k)))
+    views = visible_hits(app.state.store, {(designer, n): row for n, ((designer, _, _), row)
+                                           in enumerate(zip(queries, hits))}, k)
+    return [SEARCH_HITS.dump_json(views[(designer, n)][:k_n]) for n, (designer, _, k_n) in enumerate(queries)]
 
 
 @router.get("/search", response_model=list[SearchHitView])
-def search_text(request: Request, q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS),
-                k: int = Query(10, ge=1, le=MAX_SEARCH_K), designer: str = Depends(current_designer)):
-    """Text → image search over the catalog and the designer's generated items."""
-    return _search(request, designer, q, None, k)
+async def search_text(request: Request, q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS),
+                      k: int = Query(10, ge=1, le=MAX_SEARCH_K), designer: str = Depends(current_designer)):
+    """Text → image search over the catalog and the designer's generated items. Concurrent
+    searches are answered together on a worker thread (``QueryBatcher``): the event loop does no model work."""
+    from genshop.understanding.search import checked_text
+
+    if request.app.state.settings.embedding_model is None:
+        raise HTTPException(503, "search is off (GENSHOP_EMBEDDING_MODEL is 'off')")
+    try:
+        text = checked_text(q)
+    except QueryError as exc:
+        raise field_errors([("q", str(exc).partition(": ")[2])], "query") from None
+    return Response(await request.app.state.text_search.ask((designer, text, k)), media_type="application/json")
 
 
 @router.post("/search", response_model=list[SearchHitView])
@@ -522,6 +570,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = Store(settings.database_url, settings.home, settings.images_url)
     app.state.tokens = {designer: token.get_secret_value() for designer, token in settings.api_tokens.items()}
+    app.state.text_search = QueryBatcher(lambda queries: answer_text_searches(app, queries))
     app.include_router(router)
     from genshop.web.audits import router as audits  # it imports this module's dependencies
 

@@ -1,0 +1,141 @@
+"""Gathering messages of one task into one pool job: a Celery task ``Strategy``.
+
+A task's Strategy is how the worker's main process handles that task's messages as they
+arrive (Celery's default hands each one to the pool at once). ``gathering`` wraps the
+default, so every message is still received, reserved, acknowledged late, rejected on a lost
+worker, logged and given its result by its own Celery ``Request``; it only changes when a
+request goes to the pool:
+
+- while every pool process is busy with a group, arriving requests gather (they would wait
+  for a process anyway); when one is free, the waiting requests go as one group of at most
+  ``GENSHOP_GATHER_MAX``, at once, or, with ``GENSHOP_GATHER_WINDOW_MS``, once the first has
+  waited that long for company (or the group is full): a backlog is batched without anyone
+  waiting, and a lone request waits at most the window;
+- a group goes to the pool as its first request (the leader) with the others' first
+  arguments (brief ids) in the leader's request as ``companions``: the leader's task does the
+  work of all of them together (one pipeline call, one CLIP forward);
+- the others are held until the leader's message is acknowledged or rejected, then handed
+  to the pool one by one as usual: each finds its brief done and returns at once (or, if the
+  leader's process died, runs it itself), so its own result, ack and log line stay its own.
+
+The worker prefetches enough messages to fill a group (``workers.app``). With
+``GENSHOP_GATHER_MAX=1`` the task runs with Celery's default strategy, one message at a time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery.worker.request import Request
+from celery.worker.strategy import default
+
+COMPANIONS = "companions"  # the leader's request field: the first argument of every other request of its group
+LEADER = "gathered_by"  # a companion's request field: the task id of the leader that did its work
+
+
+class Gatherer:
+    """The groups of one task in one worker's main process (runs on its event loop: no locks)."""
+
+    def __init__(self, handle, timer, processes: int, window_s: float, max_size: int):
+        self.handle, self.timer, self.processes = handle, timer, max(1, processes)
+        self.window_s, self.max_size = window_s, max_size
+        self.waiting: list[tuple[Request, float]] = []
+        self.held: dict[str, list[Request]] = {}  # leader's task id → the requests it does the work of
+        self.leaders: set[str] = set()
+        self._timer_entry = None
+
+    def receive(self, request: Request) -> None:
+        self.waiting.append((request, time.monotonic()))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.waiting and len(self.leaders) < self.processes:
+            waited = time.monotonic() - self.waiting[0][1]
+            if len(self.waiting) < self.max_size and waited < self.window_s:
+                self._wake_in(self.window_s - waited)
+                return
+            group = [request for request, _ in self.waiting[:self.max_size]]
+            del self.waiting[:self.max_size]
+            self._send(group)
+
+    def _send(self, group: list[Request]) -> None:
+        leader, companions = group[0], group[1:]
+        if companions:
+            leader._request_dict[COMPANIONS] = [request.args[0] for request in companions]
+            for companion in companions:
+                companion._request_dict[LEADER] = leader.id
+            self.held[leader.id] = companions
+        self.leaders.add(leader.id)
+        self.handle(leader)
+
+    def finished(self, request: Request) -> None:
+        """A request's message was acknowledged or rejected: a leader's companions go to the pool."""
+        if request.id not in self.leaders:
+            return
+        self.leaders.discard(request.id)
+        for companion in self.held.pop(request.id, []):
+            self.handle(companion)
+        self.flush()
+
+    def _wake_in(self, seconds: float) -> None:
+        if self._timer_entry is None:
+            self._timer_entry = self.timer.call_after(max(0.0, seconds), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer_entry = None
+        self.flush()
+
+
+class _HandledBy:
+    """The consumer as Celery's default strategy sees it, but with ``on_task_request`` (where a
+    ready request goes) replaced."""
+
+    def __init__(self, consumer, on_task_request):
+        self._consumer, self.on_task_request = consumer, on_task_request
+
+    def __getattr__(self, name):
+        return getattr(self._consumer, name)
+
+
+def gathering(task, app, consumer, **kwargs):
+    """The Strategy of a task whose requests are done in groups (``Task.Strategy``)."""
+    from genshop.settings import get_settings
+
+    settings = get_settings()
+    if settings.gather_max <= 1:
+        return default(task, app, consumer, **kwargs)
+    gatherer = Gatherer(consumer.on_task_request, consumer.timer, getattr(consumer.pool, "limit", 1) or 1,
+                        settings.gather_window_ms / 1000, settings.gather_max)
+    task.gatherer = gatherer
+    return default(task, app, _HandledBy(consumer, gatherer.receive), **kwargs)
+
+
+class GatheredRequest(Request):
+    """A request of a gathering task: tells the task's gatherer when its message is settled."""
+
+    def _settled(self) -> None:
+        gatherer = getattr(self._task, "gatherer", None)
+        if gatherer is not None:
+            gatherer.finished(self)
+
+    def acknowledge(self):
+        settled = not self.acknowledged
+        super().acknowledge()
+        if settled:
+            self._settled()
+
+    def reject(self, requeue=False):
+        settled = not self.acknowledged
+        super().reject(requeue)
+        if settled:
+            self._settled()
+
+
+def companions_of(task_request) -> list[str]:
+    """In the task: the first arguments of the requests whose work this one does too."""
+    return list(getattr(task_request, COMPANIONS, None) or [])
+
+
+def gathered(task_request) -> bool:
+    """In the task: whether a leader did (or tried) this request's work before it."""
+    return getattr(task_request, LEADER, None) is not None
