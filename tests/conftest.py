@@ -1,12 +1,19 @@
 """Shared fixtures: real Redis, real worker subprocesses, real files, real databases.
 
 Every test gets its own GENSHOP_HOME (SQLite database and images) and its own Celery
-queue name, so tests never see each other's briefs. The tiny-random model is built once
-per session into a shared models folder.
+queue name, so tests never see each other's briefs. The tiny presets' models are built
+once per run into one models folder, shared by the pytest-xdist processes (built under a
+file lock by the first that needs them).
+
+Torch threads: ``GENSHOP_TEST_TORCH_THREADS`` (default 1) is the intra-op thread count of
+the test process (reset before every test) and of every process the tests start (workers,
+``--local`` CLI runs, plain-diffusers scripts), so the numeric tolerances can be checked
+with 1 and with 2 threads: ``GENSHOP_TEST_TORCH_THREADS=2 tests/run tests/test_reward_model.py``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -109,6 +116,38 @@ def write_tiny_siglip(folder: Path):
 
 
 TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+TORCH_THREADS = int(os.environ.get("GENSHOP_TEST_TORCH_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)  # torch's default in every process the tests start
+TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts with GENSHOP_TEST_TORCH_THREADS intra-op threads, whatever an earlier
+    in-process command (``tune --threads 1``, ...) set."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+
+
+SHARED_SERVICES = {"api_service"}  # session fixtures that start processes: their tests share one xdist worker
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``--dist loadgroup``), the tests that share a started service run in
+    one process, so it is started once: a module's users of its module-scoped fixtures (one
+    group per parameter of them, e.g. one per preset's worker), and the users of ``SHARED_SERVICES``."""
+    for item in items:
+        shared = SHARED_SERVICES & set(item.fixturenames)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group("session:" + ",".join(sorted(shared))))
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        module_fixtures = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                                 if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__)
+        if module_fixtures:
+            values = [str(params[name]) for name in module_fixtures if name in params]
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}[{','.join(values)}]"))
 
 
 def free_port() -> int:
@@ -128,8 +167,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def models_dir(tmp_path_factory, worker_id) -> Path:
+    """The tiny presets' weights. In one process they are built where first loaded; under
+    pytest-xdist the first process builds them all in the run's shared temporary folder under a
+    file lock, and the others wait for them instead of building their own."""
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("models")
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+    from genshop.settings import get_settings
+
+    run_folder = tmp_path_factory.getbasetemp().parent  # shared by this run's xdist processes
+    folder = run_folder / "models"
+    folder.mkdir(exist_ok=True)
+    with open(run_folder / "models.lock", "w") as lock, pytest.MonkeyPatch.context() as patch:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        patch.setenv("GENSHOP_MODELS", str(folder))
+        get_settings.cache_clear()
+        for preset in TINY_PRESETS:
+            ensure_weights(load_preset(preset))
+    get_settings.cache_clear()
+    return folder
 
 
 def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
@@ -143,7 +201,7 @@ def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
         "GENSHOP_EMBEDDING_MODEL": "off",
         "GENSHOP_REWARD_MODEL": "off",
         "GENSHOP_BROKER_URL": TEST_REDIS_URL,
-        "GENSHOP_TORCH_THREADS": "1",
+        "GENSHOP_TORCH_THREADS": str(TORCH_THREADS),  # workers
         "PYTHONUNBUFFERED": "1",
     })
     env.update(overrides)
