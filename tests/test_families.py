@@ -27,9 +27,9 @@ from genshop.presets import load_preset
 from genshop.briefs import parse_brief
 from genshop.service import cancel_brief, enqueue_brief, submit_brief
 from genshop.store import Store
-from tests.conftest import WorkerProcess, cli_json, make_env, wait_for, write_brief, write_random_group_adapter
+from tests.conftest import (TINY_PRESETS, WorkerProcess, cli_json_here, make_env, wait_for, write_brief,
+                            write_random_group_adapter)
 
-TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
 DESIGN = {"title": "Women's red kurta", "colour": "Red", "seed": 7, "steps": 4}
 LONG = {"variants": 8, "steps": 100, "width": 64, "height": 64}  # seconds of denoising for any tiny family
 
@@ -92,8 +92,9 @@ def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_generation_through_the_queue_and_local_gives_the_same_images(service, tmp_path):
     queued = service.submit_wait(**DESIGN, variants=3)
-    local = cli_json(["submit", str(write_brief(tmp_path / "local.json", **DESIGN, variants=3)), "--local", "--json"],
-                     service.env)
+    # `genshop submit --local` run in this process (the same click command and in-process worker)
+    local = cli_json_here(["submit", str(write_brief(tmp_path / "local.json", **DESIGN, variants=3)), "--local",
+                           "--json"], service.env)
     assert local["status"] == "succeeded" and local["items_count"] == 3
     queued_items = service.store.list_items(queued["brief_id"])
     local_items = service.store.list_items(local["brief_id"])
