@@ -14,7 +14,7 @@ import torch
 
 from genshop.embedding import EmbeddingConfig
 from genshop.tuning.losses import diffusion_dpo_loss, plackett_luce_loss, preference_loss
-from tests.conftest import cli_json, invoke_cli, make_env, run_cli
+from tests.conftest import cli_json_here, invoke_cli, make_env
 from tests.test_reward_model import tiny_model
 
 
@@ -193,10 +193,10 @@ def test_a_tuning_run_saves_a_diffusers_lora_and_resumes(tmp_path, models_dir, o
     args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out", str(out),
             "--candidates", "3", "--steps", "3", "--inference-steps", "2", "--lr", "1e-2", "--threads", "1",
             "--objective", "listwise"]
-    first = run_cli([*args, "--rounds", "1"], env, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_cli([*args, "--rounds", "2"], env, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first = invoke_cli([*args, "--rounds", "1"], env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    resumed = invoke_cli([*args, "--rounds", "2"], env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
 
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once: round 2 resumed
@@ -226,10 +226,10 @@ print(np.abs(tuned - base).mean())
     assert float(proc.stdout.strip().splitlines()[-1]) > 0.0
 
     # tuned vs base on held-out briefs: win rates, the judge's fidelity, CLIP diversity
-    evaluated = run_cli(["tune", "eval", "--group", "A", "--adapter", str(out / "adapter"), "--briefs", str(briefs),
-                         "--reward", str(reward_dir), "--variants", "2", "--inference-steps", "2", "--json",
-                         str(tmp_path / "eval.json"), "--grid", str(tmp_path / "eval.png")], env, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    evaluated = invoke_cli(["tune", "eval", "--group", "A", "--adapter", str(out / "adapter"), "--briefs", str(briefs),
+                            "--reward", str(reward_dir), "--variants", "2", "--inference-steps", "2", "--json",
+                            str(tmp_path / "eval.json"), "--grid", str(tmp_path / "eval.png")], env)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["briefs"] == 2 and 0 <= report["reward_win_rate"] <= 1 and 0 <= report["heldout_win_rate"] <= 1
     assert set(report["fidelity_base"]) == {"article_type", "colour", "master_category"}
@@ -244,10 +244,10 @@ print(np.abs(tuned - base).mean())
     for name, groups in (("grouped", ["A", "B"]), ("plain", [])):
         (tmp_path / f"{name}.json").write_text(json.dumps({"title": "Women's red kurta", "variants": 2, "seed": 4,
                                                             "groups": groups}))
-    grouped = cli_json(["submit", str(tmp_path / "grouped.json"), "--local", "--json"], env)
-    plain = cli_json(["submit", str(tmp_path / "plain.json"), "--local", "--json"], env)
-    grouped_items = cli_json(["results", grouped["brief_id"], "--json"], env)["items"]
-    plain_items = cli_json(["results", plain["brief_id"], "--json"], env)["items"]
+    grouped = cli_json_here(["submit", str(tmp_path / "grouped.json"), "--local", "--json"], env)
+    plain = cli_json_here(["submit", str(tmp_path / "plain.json"), "--local", "--json"], env)
+    grouped_items = cli_json_here(["results", grouped["brief_id"], "--json"], env)["items"]
+    plain_items = cli_json_here(["results", plain["brief_id"], "--json"], env)["items"]
     assert grouped_items[0]["model_id"].endswith("+lora:A") and "+lora" not in grouped_items[1]["model_id"]
     assert grouped_items[0]["image_sha256"] != plain_items[0]["image_sha256"]  # same seed, the LoRA changed it
     assert grouped_items[1]["image_sha256"] == plain_items[1]["image_sha256"]  # group B: the base model
