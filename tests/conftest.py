@@ -133,10 +133,14 @@ def torch_threads():
 SHARED_SERVICES = {"api_service"}  # session fixtures that start processes: their tests share one xdist worker
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (``--dist loadgroup``), the tests that share a started service run in
     one process, so it is started once: a module's users of its module-scoped fixtures (one
-    group per parameter of them, e.g. one per preset's worker), and the users of ``SHARED_SERVICES``."""
+    group per parameter of them, e.g. one per preset's worker), and the users of ``SHARED_SERVICES``.
+    xdist hands out the largest groups first, then single tests in this order: the ``slow`` ones
+    first, so that no long test starts last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         shared = SHARED_SERVICES & set(item.fixturenames)
         if shared:
@@ -398,6 +402,39 @@ def write_random_group_adapter(folder: Path, preset: str = "tiny-random", group:
     for parameter in add_group_adapter(denoiser, group, targets=family.lora_targets):
         torch.nn.init.normal_(parameter, std=std)
     return save_group_adapter(denoiser, group, folder, family)
+
+
+PLAIN_DIFFUSERS_LORA = """
+import inspect, json, sys
+import numpy as np, torch, diffusers
+
+pipeline_class, model, adapter = sys.argv[1:4]
+pipe = getattr(diffusers, pipeline_class).from_pretrained(model)
+pipe.set_progress_bar_config(disable=True)
+t5_length = {"max_sequence_length": 32} if "max_sequence_length" in inspect.signature(pipe.__call__).parameters else {}
+
+def draw():
+    image = pipe("Women's red kurta", num_inference_steps=2, width=32, height=32, **t5_length,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.float64)
+
+base = draw()
+pipe.load_lora_weights(adapter, adapter_name="group_A")
+tuned = draw()
+print(json.dumps({"difference": float(np.abs(base - tuned).mean()), "adapters": pipe.get_list_adapters(),
+                  "genshop_imported": any(m.split(".")[0] == "genshop" for m in sys.modules)}))
+"""
+
+
+def plain_diffusers_lora(pipeline_class: str, model: str | Path, adapter: Path, cwd: Path) -> dict:
+    """A saved adapter loaded by plain diffusers (``pipe.load_lora_weights``) in a process that
+    never imports genshop (nor has its variables): the mean image difference it makes at seed 0,
+    the pipeline's adapters, and whether genshop was imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSHOP_") and k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_LORA, pipeline_class, str(model), str(adapter)],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class ApiServer:

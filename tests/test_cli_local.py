@@ -11,6 +11,7 @@ from genshop.presets import load_preset, preset_names
 from tests.conftest import cli_json_here, free_port, invoke_cli, run_cli, write_brief
 
 
+@pytest.mark.slow
 def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
     """The embedded defaults (mini generator, the bundle's reward model and CLIP), run from another
     folder: the demo's items go to its own store and index, the user's are left untouched."""
