@@ -133,25 +133,40 @@ def torch_threads():
 SHARED_SERVICES = {"api_service"}  # session fixtures that start processes: their tests share one xdist worker
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items):
+def pytest_itemcollected(item):
     """Under pytest-xdist (``--dist loadgroup``), the tests that share a started service run in
     one process, so it is started once: a module's users of its module-scoped fixtures (one
     group per parameter of them, e.g. one per preset's worker), and the users of ``SHARED_SERVICES``.
-    xdist hands out the largest groups first, then single tests in this order: the ``slow`` ones
-    first, so that no long test starts last."""
+    (Marked as each test is collected: xdist names the groups in its own collection hook.)"""
+    shared = SHARED_SERVICES & set(item.fixturenames)
+    if shared:
+        item.add_marker(pytest.mark.xdist_group("session:" + ",".join(sorted(shared))))
+        return
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is None:
+        return
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    module_fixtures = sorted(name for name, defs in fixtures.name2fixturedefs.items()
+                             if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__)
+    if module_fixtures:
+        values = [str(params[name]) for name in module_fixtures if name in params]
+        item.add_marker(pytest.mark.xdist_group(":".join([item.module.__name__, *values])))  # no brackets: xdist
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """xdist hands out the largest groups first, then single tests in collection order: the
+    ``slow`` ones go first, so that no long test starts last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    for item in items:
-        shared = SHARED_SERVICES & set(item.fixturenames)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group("session:" + ",".join(sorted(shared))))
-            continue
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        module_fixtures = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
-                                 if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__)
-        if module_fixtures:
-            values = [str(params[name]) for name in module_fixtures if name in params]
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}[{','.join(values)}]"))
+    if getattr(config.option, "loadgroup", False):  # an xdist process of a --dist loadgroup run
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            group = item.get_closest_marker("xdist_group")
+            if group is not None and "@" not in item.nodeid:
+                # xdist 3.8 names a test's group in ``_nodeid``, which pytest 9 no longer reads: name it in the
+                # node id pytest 9 reports (``_id``), as xdist means to, so its scheduler keeps the group together
+                item._id = coerce_node_id(f"{item.nodeid}@{group.args[0]}")
 
 
 def free_port() -> int:
