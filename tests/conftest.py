@@ -146,10 +146,12 @@ def pytest_itemcollected(item):
     if fixtures is None:
         return
     params = getattr(getattr(item, "callspec", None), "params", {})
-    module_fixtures = sorted(name for name, defs in fixtures.name2fixturedefs.items()
-                             if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__)
-    if module_fixtures:
-        values = [str(params[name]) for name in module_fixtures if name in params]
+    module_fixtures = {name: defs[-1] for name, defs in fixtures.name2fixturedefs.items()
+                       if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__}
+    # grouped by the module fixtures that need no other (``store`` and ``celery_app`` go with ``queue_env``)
+    roots = sorted(name for name, definition in module_fixtures.items() if not set(definition.argnames) & set(module_fixtures))
+    if roots:
+        values = [f"{name}={params[name]}" if name in params else name for name in roots]
         item.add_marker(pytest.mark.xdist_group(":".join([item.module.__name__, *values])))  # no brackets: xdist
 
 
