@@ -118,6 +118,8 @@ def write_tiny_siglip(folder: Path):
 TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 TORCH_THREADS = int(os.environ.get("GENSHOP_TEST_TORCH_THREADS", "1"))
 os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)  # torch's default in every process the tests start
+if os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist process has COLUMNS=80, which no user's pipe has: the CLI's
+    os.environ.pop("COLUMNS", None)  # tables written to a pipe keep their 160 columns, as in a one-process run
 TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
 
 
