@@ -1,12 +1,19 @@
 """Shared fixtures: real Redis, real worker subprocesses, real files, real databases.
 
 Every test gets its own GENSHOP_HOME (SQLite database and images) and its own Celery
-queue name, so tests never see each other's briefs. The tiny-random model is built once
-per session into a shared models folder.
+queue name, so tests never see each other's briefs. The tiny presets' models are built
+once per run into one models folder, shared by the pytest-xdist processes (built under a
+file lock by the first that needs them).
+
+Torch threads: ``GENSHOP_TEST_TORCH_THREADS`` (default 1) is the intra-op thread count of
+the test process (reset before every test) and of every process the tests start (workers,
+``--local`` CLI runs, plain-diffusers scripts), so the numeric tolerances can be checked
+with 1 and with 2 threads: ``GENSHOP_TEST_TORCH_THREADS=2 tests/run tests/test_reward_model.py``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -109,6 +116,61 @@ def write_tiny_siglip(folder: Path):
 
 
 TEST_REDIS_URL = os.environ.get("GENSHOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+TORCH_THREADS = int(os.environ.get("GENSHOP_TEST_TORCH_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)  # torch's default in every process the tests start
+if os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist process has COLUMNS=80, which no user's pipe has: the CLI's
+    os.environ.pop("COLUMNS", None)  # tables written to a pipe keep their 160 columns, as in a one-process run
+TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts with GENSHOP_TEST_TORCH_THREADS intra-op threads, whatever an earlier
+    in-process command (``tune --threads 1``, ...) set."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+
+
+SHARED_SERVICES = {"api_service"}  # session fixtures that start processes: their tests share one xdist worker
+
+
+def pytest_itemcollected(item):
+    """Under pytest-xdist (``--dist loadgroup``), the tests that share a started service run in
+    one process, so it is started once: a module's users of its module-scoped fixtures (one
+    group per parameter of them, e.g. one per preset's worker), and the users of ``SHARED_SERVICES``.
+    (Marked as each test is collected: xdist names the groups in its own collection hook.)"""
+    shared = SHARED_SERVICES & set(item.fixturenames)
+    if shared:
+        item.add_marker(pytest.mark.xdist_group("session:" + ",".join(sorted(shared))))
+        return
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is None:
+        return
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    module_fixtures = {name: defs[-1] for name, defs in fixtures.name2fixturedefs.items()
+                       if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__}
+    # grouped by the module fixtures that need no other (``store`` and ``celery_app`` go with ``queue_env``)
+    roots = sorted(name for name, definition in module_fixtures.items() if not set(definition.argnames) & set(module_fixtures))
+    if roots:
+        values = [f"{name}={params[name]}" if name in params else name for name in roots]
+        item.add_marker(pytest.mark.xdist_group(":".join([item.module.__name__, *values])))  # no brackets: xdist
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """xdist hands out the largest groups first, then single tests in collection order: the
+    ``slow`` ones go first, so that no long test starts last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if getattr(config.option, "loadgroup", False):  # an xdist process of a --dist loadgroup run
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            group = item.get_closest_marker("xdist_group")
+            if group is not None and "@" not in item.nodeid:
+                # xdist 3.8 names a test's group in ``_nodeid``, which pytest 9 no longer reads: name it in the
+                # node id pytest 9 reports (``_id``), as xdist means to, so its scheduler keeps the group together
+                item._id = coerce_node_id(f"{item.nodeid}@{group.args[0]}")
 
 
 def free_port() -> int:
@@ -128,8 +190,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def models_dir(tmp_path_factory, worker_id) -> Path:
+    """The tiny presets' weights. In one process they are built where first loaded; under
+    pytest-xdist the first process builds them all in the run's shared temporary folder under a
+    file lock, and the others wait for them instead of building their own."""
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("models")
+    from genshop.pipelines import ensure_weights
+    from genshop.presets import load_preset
+    from genshop.settings import get_settings
+
+    run_folder = tmp_path_factory.getbasetemp().parent  # shared by this run's xdist processes
+    folder = run_folder / "models"
+    folder.mkdir(exist_ok=True)
+    with open(run_folder / "models.lock", "w") as lock, pytest.MonkeyPatch.context() as patch:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        patch.setenv("GENSHOP_MODELS", str(folder))
+        get_settings.cache_clear()
+        for preset in TINY_PRESETS:
+            ensure_weights(load_preset(preset))
+    get_settings.cache_clear()
+    return folder
 
 
 def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
@@ -143,7 +224,7 @@ def make_env(home: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
         "GENSHOP_EMBEDDING_MODEL": "off",
         "GENSHOP_REWARD_MODEL": "off",
         "GENSHOP_BROKER_URL": TEST_REDIS_URL,
-        "GENSHOP_TORCH_THREADS": "1",
+        "GENSHOP_TORCH_THREADS": str(TORCH_THREADS),  # workers
         "PYTHONUNBUFFERED": "1",
     })
     env.update(overrides)
@@ -342,6 +423,39 @@ def write_random_group_adapter(folder: Path, preset: str = "tiny-random", group:
     for parameter in add_group_adapter(denoiser, group, targets=family.lora_targets):
         torch.nn.init.normal_(parameter, std=std)
     return save_group_adapter(denoiser, group, folder, family)
+
+
+PLAIN_DIFFUSERS_LORA = """
+import inspect, json, sys
+import numpy as np, torch, diffusers
+
+pipeline_class, model, adapter = sys.argv[1:4]
+pipe = getattr(diffusers, pipeline_class).from_pretrained(model)
+pipe.set_progress_bar_config(disable=True)
+t5_length = {"max_sequence_length": 32} if "max_sequence_length" in inspect.signature(pipe.__call__).parameters else {}
+
+def draw():
+    image = pipe("Women's red kurta", num_inference_steps=2, width=32, height=32, **t5_length,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.float64)
+
+base = draw()
+pipe.load_lora_weights(adapter, adapter_name="group_A")
+tuned = draw()
+print(json.dumps({"difference": float(np.abs(base - tuned).mean()), "adapters": pipe.get_list_adapters(),
+                  "genshop_imported": any(m.split(".")[0] == "genshop" for m in sys.modules)}))
+"""
+
+
+def plain_diffusers_lora(pipeline_class: str, model: str | Path, adapter: Path, cwd: Path) -> dict:
+    """A saved adapter loaded by plain diffusers (``pipe.load_lora_weights``) in a process that
+    never imports genshop (nor has its variables): the mean image difference it makes at seed 0,
+    the pipeline's adapters, and whether genshop was imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSHOP_") and k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_LORA, pipeline_class, str(model), str(adapter)],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class ApiServer:

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from genshop.presets import load_preset, preset_names
-from tests.conftest import cli_json, free_port, invoke_cli, run_cli, write_brief
+from tests.conftest import cli_json_here, free_port, invoke_cli, run_cli, write_brief
 
 
+@pytest.mark.slow
 def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
     """The embedded defaults (mini generator, the bundle's reward model and CLIP), run from another
     folder: the demo's items go to its own store and index, the user's are left untouched."""
@@ -38,9 +39,10 @@ def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
 
 def test_submit_local_runs_in_process_without_redis(env, tmp_path):
     env = {**env, "GENSHOP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    submitted = cli_json(["submit", str(write_brief(tmp_path / "b.yaml", variants=3, seed=5)), "--local", "--json"], env)
+    submitted = cli_json_here(["submit", str(write_brief(tmp_path / "b.yaml", variants=3, seed=5)), "--local", "--json"],
+                              env)
     assert submitted["status"] == "succeeded" and submitted["items_count"] == 3
-    results = cli_json(["results", submitted["brief_id"], "--json"], env)
+    results = cli_json_here(["results", submitted["brief_id"], "--json"], env)
     assert [i["seed"] for i in results["items"]] == [5, 6, 7]
 
 
@@ -72,5 +74,5 @@ def test_every_shipped_preset_parses():
 
 
 def test_unknown_preset_is_invalid_input(env, tmp_path):
-    proc = run_cli(["submit", str(write_brief(tmp_path / "b.yaml")), "--local"], {**env, "GENSHOP_PRESET": "nope"})
+    proc = invoke_cli(["submit", str(write_brief(tmp_path / "b.yaml")), "--local"], {**env, "GENSHOP_PRESET": "nope"})
     assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr

@@ -55,12 +55,13 @@ def test_two_workers_and_an_api_that_share_nothing_on_disk_make_one_catalog(
     base = make_env(tmp_path / "unused", models_dir, **shared)  # one set of queue names for every process
     homes = {name: tmp_path / name for name in ("worker-a", "worker-b", "api", "index")}
     envs = {name: {**base, "GENSHOP_HOME": str(home)} for name, home in homes.items()}
-    owner = IndexOwner(envs["index"], tmp_path / "index.log").wait_ready()
-    for name in ("worker-a", "worker-b", "api"):
+    owner = IndexOwner(envs["index"], tmp_path / "index.log")  # its address is known before it answers:
+    for name in ("worker-a", "worker-b", "api"):  # every process starts at once
         envs[name]["GENSHOP_INDEX_URL"] = owner.url
     workers = [WorkerProcess(envs[name], tmp_path / f"{name}.log", name=name) for name in ("worker-a", "worker-b")]
     server = ApiServer(envs["api"], tmp_path / "api.log")
     try:
+        owner.wait_ready()
         server.wait_ready()
         for worker in workers:
             worker.wait_ready()

@@ -32,7 +32,7 @@ def test_worker_enriches_every_generated_item_and_flags_a_regenerated_brief(tmp_
     first = cli_json(["submit", str(brief), "--json", "--wait"], env)
 
     def enriched(brief_id: str):
-        results = cli_json(["results", brief_id, "--json"], env)
+        results = cli_json_here(["results", brief_id, "--json"], env)  # the store read in this process
         return all(item["understanding"] for item in results["items"]) and results
     results = wait_for(lambda: enriched(first["brief_id"]), 90, 0.5, what="understandings of the first brief")
     for item in results["items"]:

@@ -22,7 +22,7 @@ from genshop.store import AbResult
 from genshop.experiments.results import largest_remainder
 from reward.synthetic import write_synthetic_catalog
 from genshop.settings import REPO_ROOT
-from tests.conftest import cli_json, cli_json_here, invoke_cli, make_env, run_cli
+from tests.conftest import cli_json_here, invoke_cli, make_env
 
 BRIEFS = (
     {"title": "Men's black tshirt", "article_type": "Tshirts", "colour": "Black", "gender": "Men", "groups": ["A", "C"],
@@ -49,7 +49,7 @@ def seeded_home(tmp_path_factory, models_dir) -> tuple[Path, list[str]]:
     for number, fields in enumerate(BRIEFS):
         path = home.parent / f"brief-{number}.json"
         path.write_text(json.dumps(fields))
-        brief_ids.append(cli_json(["submit", str(path), "--local", "--json"], env)["brief_id"])
+        brief_ids.append(cli_json_here(["submit", str(path), "--local", "--json"], env)["brief_id"])
     write_synthetic_catalog(home.parent / "catalog.parquet", 2000, seed=3)
     cli_json_here(["catalog", "import", str(home.parent / "catalog.parquet"), "--no-enrich", "--json"], env)
     return home, brief_ids
@@ -88,7 +88,7 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
 
     # an existing export is never overwritten without --force
     before = _tree(out)
-    refused = run_cli(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(out)], env)
+    refused = invoke_cli(["export", "ab", "--all", "--arms", "control=catalog,base=generated", "--out", str(out)], env)
     assert refused.returncode == 2 and "--force" in refused.stderr and _tree(out) == before
 
     # simulate the shop, import its results: stored, and written as preference data
@@ -114,23 +114,24 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
     assert Path(report["plot"]).is_file() and Path(report["plot"]).stat().st_size > 5000
 
     # the loop closes: the imported preferences train a reward model
-    trained = run_cli(["reward", "train", "--impressions", imported["preferences"], "--clip", str(open_clip_dir),
-                       "--out", str(tmp_path / "reward"), "--epochs", "1", "--threads", "1", "--split", "impressions"], env, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    trained = invoke_cli(["reward", "train", "--impressions", imported["preferences"], "--clip", str(open_clip_dir),
+                          "--out", str(tmp_path / "reward"), "--epochs", "1", "--threads", "1", "--split", "impressions"],
+                         env)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
     assert (tmp_path / "reward" / "model" / "config.json").is_file()
 
     # ... and tune group A's LoRA on them (offline), whose designs go into the next experiment as their own arm
     briefs = tmp_path / "tune-briefs.yaml"
     briefs.write_text(json.dumps([BRIEFS[0]]))
-    tuned = run_cli(["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(tmp_path / "reward" / "model"),
-                     "--preferences", imported["preferences"], "--out", str(tmp_path / "tune-A"), "--steps", "2",
-                     "--inference-steps", "2", "--threads", "1"], env, timeout=300)
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    tuned = invoke_cli(["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(tmp_path / "reward" / "model"),
+                        "--preferences", imported["preferences"], "--out", str(tmp_path / "tune-A"), "--steps", "2",
+                        "--inference-steps", "2", "--threads", "1"], env)
+    assert tuned.returncode == 0, (tuned.stdout + tuned.stderr)[-3000:]
     shutil.copytree(tmp_path / "tune-A" / "adapter", Path(env["GENSHOP_HOME"]) / "adapters" / "A")
     again = tmp_path / "again.json"
     again.write_text(json.dumps({**BRIEFS[0], "groups": ["A"], "seed": 9}))
-    second = cli_json(["submit", str(again), "--local", "--json"], env)["brief_id"]
-    base_model = cli_json(["results", brief_ids[0], "--json"], env)["items"][0]["model_id"]
+    second = cli_json_here(["submit", str(again), "--local", "--json"], env)["brief_id"]
+    base_model = cli_json_here(["results", brief_ids[0], "--json"], env)["items"][0]["model_id"]
     next_round = cli_json_here(["export", "ab", "--briefs", f"{brief_ids[0]},{second}", "--arms",
                            f"base=model:{base_model},tuned=model:{base_model}+lora:A,catalog=catalog", "--out",
                            str(tmp_path / "exports" / "exp-2"), "--json"], env)
@@ -139,7 +140,7 @@ def test_the_loop_export_simulate_import_report_and_retrain(tmp_path, experiment
     assert all("+lora:A@" in version for version in next_round["model_versions"]["tuned"])
     assert invoke_cli(["simulate", "ab", "exp-2", "--customers", "2000", "--out", str(tmp_path / "r2.parquet")],
                    env).returncode == 0
-    assert run_cli(["import", "ab-results", str(tmp_path / "r2.parquet")], env).returncode == 0
+    assert invoke_cli(["import", "ab-results", str(tmp_path / "r2.parquet")], env).returncode == 0
     tuned_readout = next(r for r in cli_json_here(["report", "ab", "exp-2", "--json"], env)["arms"] if r["arm"] == "tuned")
     assert tuned_readout["impressions"] > 0 and tuned_readout["ctr_uplift"] is not None
 

@@ -8,9 +8,6 @@ One worker per preset serves all of that preset's tests (a module-scoped, parame
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,9 +24,9 @@ from genshop.presets import load_preset
 from genshop.briefs import parse_brief
 from genshop.service import cancel_brief, enqueue_brief, submit_brief
 from genshop.store import Store
-from tests.conftest import WorkerProcess, cli_json, make_env, wait_for, write_brief, write_random_group_adapter
+from tests.conftest import (TINY_PRESETS, WorkerProcess, cli_json_here, make_env, plain_diffusers_lora, wait_for,
+                            write_brief, write_random_group_adapter)
 
-TINY_PRESETS = ["tiny-random", "tiny-sdxl", "tiny-sd3", "tiny-flux"]  # SD 1.x, SDXL, SD3, FLUX
 DESIGN = {"title": "Women's red kurta", "colour": "Red", "seed": 7, "steps": 4}
 LONG = {"variants": 8, "steps": 100, "width": 64, "height": 64}  # seconds of denoising for any tiny family
 
@@ -92,8 +89,9 @@ def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_generation_through_the_queue_and_local_gives_the_same_images(service, tmp_path):
     queued = service.submit_wait(**DESIGN, variants=3)
-    local = cli_json(["submit", str(write_brief(tmp_path / "local.json", **DESIGN, variants=3)), "--local", "--json"],
-                     service.env)
+    # `genshop submit --local` run in this process (the same click command and in-process worker)
+    local = cli_json_here(["submit", str(write_brief(tmp_path / "local.json", **DESIGN, variants=3)), "--local",
+                           "--json"], service.env)
     assert local["status"] == "succeeded" and local["items_count"] == 3
     queued_items = service.store.list_items(queued["brief_id"])
     local_items = service.store.list_items(local["brief_id"])
@@ -150,28 +148,6 @@ def test_progress_is_reported_and_cancelling_stops_at_the_next_step(service):
     wait_for(lambda: task.state == "REVOKED", 10, what="REVOKED state")
 
 
-PLAIN_DIFFUSERS = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch, diffusers
-
-    pipeline_class, model, adapter = sys.argv[1:4]
-    torch.set_num_threads(1)
-    pipe = getattr(diffusers, pipeline_class).from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-
-    def draw():
-        image = pipe("Women's red kurta", num_inference_steps=2, width=32, height=32,
-                     generator=torch.Generator().manual_seed(0)).images[0]
-        return np.asarray(image, dtype=np.float64)
-
-    base = draw()
-    pipe.load_lora_weights(adapter)
-    tuned = draw()
-    print(json.dumps({"difference": float(np.abs(base - tuned).mean()), "adapters": pipe.get_list_adapters(),
-                      "genshop_imported": any(m.split(".")[0] == "genshop" for m in sys.modules)}))
-""")
-
-
 def test_a_saved_adapter_loads_with_plain_diffusers_of_its_family(service, tmp_path):
     from genshop.presets import model_location
     from genshop.settings import get_settings
@@ -182,12 +158,7 @@ def test_a_saved_adapter_loads_with_plain_diffusers_of_its_family(service, tmp_p
         get_settings.cache_clear()
         model = model_location(preset)
     get_settings.cache_clear()
-    env = {k: v for k, v in service.env.items() if not k.startswith("GENSHOP_") and k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, preset.pipeline_class, model,
-                           str(service.adapters / "A")], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = plain_diffusers_lora(preset.pipeline_class, model, service.adapters / "A", tmp_path)
     assert result["genshop_imported"] is False
     denoiser = family_for_class_name(preset.pipeline_class).denoiser_attr
     assert denoiser in result["adapters"] and len(result["adapters"][denoiser]) == 1, result

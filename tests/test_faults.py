@@ -20,11 +20,12 @@ from genshop.store import Store
 from tests.conftest import cli_json, free_port, make_env, pool_pids, wait_for, write_brief
 
 
+@pytest.mark.slow
 def test_a_brief_whose_worker_is_killed_completes_once_a_worker_is_back(tmp_path, models_dir, start_worker):
     env = make_env(tmp_path / "home", models_dir, GENSHOP_HARD_TIME_LIMIT="40", GENSHOP_VISIBILITY_TIMEOUT="45")
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
     first = start_worker(env)
-    brief = write_brief(tmp_path / "b.json", variants=16, steps=40, width=128, height=128, seed=9)
+    brief = write_brief(tmp_path / "b.json", variants=16, steps=60, width=64, height=64, seed=9)  # 2 batches of 8
     submitted = cli_json(["submit", str(brief), "--json"], env)
     brief_id = submitted["brief_id"]
     wait_for(lambda: 8 <= len(store.list_items(brief_id)) < 16, 60, 0.02, what="the first batch to be stored")

@@ -11,7 +11,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from genshop.store import Store
-from tests.conftest import WorkerProcess, cli_json, make_env, run_cli, wait_for, write_brief
+from tests.conftest import WorkerProcess, cli_json, cli_json_here, make_env, run_cli, wait_for, write_brief
 
 LONG = {"variants": 16, "steps": 100, "width": 128, "height": 128}  # seconds of denoising, even on a fast machine
 
@@ -40,14 +40,14 @@ def submit(env, path: Path, *flags: str) -> dict:
 
 
 def status_of(env, brief_id: str) -> dict:
-    return cli_json(["status", brief_id, "--json"], env)
+    return cli_json_here(["status", brief_id, "--json"], env)  # the store read in this process
 
 
 def test_submit_wait_and_read_back_results(queue_env, tmp_path):
     brief = write_brief(tmp_path / "b.json", variants=6, seed=100)
     submitted = submit(queue_env, brief, "--wait")
     assert submitted["status"] == "succeeded" and submitted["created"] is True
-    results = cli_json(["results", submitted["brief_id"], "--json"], queue_env)
+    results = cli_json_here(["results", submitted["brief_id"], "--json"], queue_env)
     assert results["brief_id"] == submitted["brief_id"] and results["status"] == "succeeded"
     assert [(i["variant"], i["seed"]) for i in results["items"]] == [(v, 100 + v) for v in range(6)]
     for item in results["items"]:
