@@ -7,8 +7,8 @@ brief at one Celery priority (what a plain queue does: first in, first out), onc
 `genshop.service.enqueue_brief` (high before normal, each designer's briefs spread over their
 band, `genshop.queueing`). Printed: the position each brief ran at and the light and front
 briefs' waits (from submit to start), and the ratio of the light brief's wait FIFO / fair.
-Targets: the front brief runs first, the light designer's brief second (before the heavy
-designer's second).
+Targets: the front brief runs first, the light designer's brief by third (after at most the
+heavy designer's first), with the worker's default gathering (``GENSHOP_GATHER_MAX`` 8).
 
     python bench/fairness.py [--heavy 10]
 """

@@ -217,6 +217,9 @@ def serve(host: str, port: int) -> None:
         raise click.ClickException("no API tokens: set GENSHOP_API_TOKENS='designer:TOKEN,...' or "
                                    "GENSHOP_API_TOKENS_FILE (a YAML mapping of designer to token)")
     torch.set_num_threads(int(os.environ.get("GENSHOP_TORCH_THREADS", "1")))  # many small concurrent queries
+    import faiss
+
+    faiss.omp_set_num_threads(int(os.environ.get("GENSHOP_INDEX_THREADS", "1")))  # OpenMP threads spin on shared cores
     _database_ready()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 

@@ -107,6 +107,32 @@ def test_high_goes_first_designers_take_turns_and_a_paused_designer_waits_then_r
     assert clear(store, "yara", withdraw_generation_messages) == []  # nothing left waiting
 
 
+def test_a_high_brief_arriving_behind_prefetched_normal_ones_leads_the_next_group(env, start_worker):
+    """Default gathering: a worker holds up to 2 x GENSHOP_GATHER_MAX messages, so briefs sent while
+    it runs a long one wait in the worker, not in Redis. A front brief sent after nine of xavier's and
+    one of yara's still leads the next group, and yara's brief is in it (not behind xavier's tail)."""
+    from workers.app import enqueue_new_brief
+
+    store = open_store()
+
+    def submit(title: str, designer: str, **fields):
+        record, _ = submit_brief(store, parse_brief({"title": title, "seed": 1, **TINY, **fields}), "tiny-random",
+                                 designer)
+        return enqueue_brief(store, record.id, enqueue_new_brief)
+
+    start_worker(env)
+    blocker = submit("blocker", "bea", steps=40, width=64, height=64, variants=2)
+    wait_for(lambda: store.get_brief(blocker.id).status == "running", 30, 0.02, what="the blocker to start")
+    backlog = [submit(f"xavier {n}", "xavier") for n in range(9)] + [submit("yara 0", "yara"),
+                                                                     submit("zoe front", "zoe", priority="high")]
+    assert store.get_brief(blocker.id).status == "running"  # the backlog arrived while the worker was busy
+    wait_for(lambda: all(store.get_brief(r.id).status == "succeeded" for r in backlog), 60, 0.1, what="the backlog")
+    ran = {r.title: r for r in (store.get_brief(b.id) for b in backlog)}
+    first = min(ran.values(), key=lambda r: r.started_at)
+    assert first.title == "zoe front"
+    assert ran["yara 0"].finished_at <= ran["xavier 8"].started_at  # a group of 8: zoe, x0, yara, x1..x5
+
+
 def test_the_cli_submits_at_the_front_and_pauses_resumes_and_clears(env, tmp_path):
     import json
 

@@ -4,7 +4,8 @@ Reliability settings, and why:
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged only after it
   ran, so a worker killed mid-brief leaves the message to be delivered again.
 - ``worker_prefetch_multiplier``: twice ``GENSHOP_GATHER_MAX`` per process, so a worker holds
-  the next group while one runs (``workers.batching``: tasks done together); 1 with
+  the next group while one runs (``workers.batching``: tasks done together, the held ones in
+  their priority order; less would leave the next group short of a full one); 1 with
   ``GENSHOP_GATHER_MAX=1``, a worker then holds one brief at a time. Held messages are
   unacknowledged: those of a worker killed whole come back after the visibility timeout.
 - ``visibility_timeout`` above the hard time limit: Redis redelivers unacked messages only

@@ -11,6 +11,11 @@ request goes to the pool:
   ``GENSHOP_GATHER_MAX``, at once, or, with ``GENSHOP_GATHER_WINDOW_MS``, once the first has
   waited that long for company (or the group is full): a backlog is batched without anyone
   waiting, and a lone request waits at most the window;
+- the waiting requests are kept in their messages' priority order (the Celery priority each
+  was sent at, ``genshop.queueing``: lower first; first come, first served within one), so a
+  group is always the highest-priority requests the worker holds: a ``high`` brief that
+  arrives behind prefetched ``normal`` ones leads the next group, and each designer's briefs,
+  spread over their band's steps, take their turns inside and across groups as on the queue;
 - a group goes to the pool as its first request (the leader) with the others' first
   arguments (brief ids) in the leader's request as ``companions``: the leader's task does the
   work of all of them together (one pipeline call, one CLIP forward);
@@ -18,12 +23,17 @@ request goes to the pool:
   to the pool one by one as usual: each finds its brief done and returns at once (or, if the
   leader's process died, runs it itself), so its own result, ack and log line stay its own.
 
-The worker prefetches enough messages to fill a group (``workers.app``). With
+The worker prefetches enough messages to fill a group while one runs (``workers.app``): a
+message still in Redis when a higher one is waiting there is fetched as the running group's
+messages are acknowledged, so a ``high`` brief waits for at most the running group and the
+one formed as it ends. With
 ``GENSHOP_GATHER_MAX=1`` the task runs with Celery's default strategy, one message at a time.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 
 from celery.worker.request import Request
@@ -33,28 +43,36 @@ COMPANIONS = "companions"  # the leader's request field: the first argument of e
 LEADER = "gathered_by"  # a companion's request field: the task id of the leader that did its work
 
 
+def priority_of(request: Request) -> int:
+    """The Celery priority the request's message was sent at (kombu's Redis transport serves
+    lower first, and puts a message sent without one at 0)."""
+    priority = (request.delivery_info or {}).get("priority")
+    return 0 if priority is None else int(priority)
+
+
 class Gatherer:
     """The groups of one task in one worker's main process (runs on its event loop: no locks)."""
 
     def __init__(self, handle, timer, processes: int, window_s: float, max_size: int):
         self.handle, self.timer, self.processes = handle, timer, max(1, processes)
         self.window_s, self.max_size = window_s, max_size
-        self.waiting: list[tuple[Request, float]] = []
+        self.waiting: list[tuple[int, int, float, Request]] = []  # (priority, arrival number, arrived at, request)
+        self._arrivals = itertools.count()
         self.held: dict[str, list[Request]] = {}  # leader's task id → the requests it does the work of
         self.leaders: set[str] = set()
         self._timer_entry = None
 
     def receive(self, request: Request) -> None:
-        self.waiting.append((request, time.monotonic()))
+        bisect.insort(self.waiting, (priority_of(request), next(self._arrivals), time.monotonic(), request))
         self.flush()
 
     def flush(self) -> None:
         while self.waiting and len(self.leaders) < self.processes:
-            waited = time.monotonic() - self.waiting[0][1]
+            waited = time.monotonic() - min(arrived for _, _, arrived, _ in self.waiting)  # the longest wait
             if len(self.waiting) < self.max_size and waited < self.window_s:
                 self._wake_in(self.window_s - waited)
                 return
-            group = [request for request, _ in self.waiting[:self.max_size]]
+            group = [request for *_, request in self.waiting[:self.max_size]]
             del self.waiting[:self.max_size]
             self._send(group)
 

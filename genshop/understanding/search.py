@@ -94,10 +94,14 @@ class TextVectorCache:
 
 def search_texts(index: VectorIndex, cache: TextVectorCache, texts: Sequence[str], k: int,
                  filters: Filters | None = None) -> list[list[SearchHit]]:
-    """Several text queries at once: their vectors (cached, the rest in one CLIP forward) and one index search."""
+    """Several text queries at once: their vectors (cached, the rest in one CLIP forward) and one index
+    search of each distinct text (a shop's concurrent queries repeat: each is scanned once)."""
     if k < 1:
         raise QueryError("k", "must be at least 1")
-    return index.search(cache.vectors([checked_text(t) for t in texts]), k=k, filters=filters)
+    checked = [checked_text(t) for t in texts]
+    distinct = list(dict.fromkeys(checked))
+    hits = dict(zip(distinct, index.search(cache.vectors(distinct), k=k, filters=filters)))
+    return [list(hits[text]) for text in checked]
 
 
 def query_vector(embedder: Embedder, text: str | None = None, image: str | Path | None = None) -> np.ndarray:
