@@ -22,6 +22,9 @@ from genshop.cli_train import _progress_bar, stage_progress
                    "marked good or bad: a ranking's top and bottom, or clicks/purchases/choices of --preferences)")
 @click.option("--preferences", type=FILE, multiple=True,
               help="offline: impressions Parquet whose items are image files (e.g. an A/B import), instead of sampling")
+@click.option("--rankings-from", type=FILE, default=None,
+              help="round 0: re-rank another run's base-model candidates (OUT/rankings-round000.safetensors) "
+                   "for this group instead of sampling them again")
 @click.option("--candidates", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", "steps_per_round", type=click.IntRange(min=1), default=100, show_default=True,

@@ -535,3 +535,19 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     assert saved["steps"] == max(validation, key=lambda r: r["mean_reward"])["step"] and saved["trained_steps"] == 4
     too_strict = invoke_cli([*args[:8], str(tmp_path / "strict"), *args[9:-4], "--min-margin", "1e9"], env)
     assert too_strict.returncode != 0 and "min-margin" in (too_strict.stdout + too_strict.stderr)
+
+    # another group re-ranks that run's round-0 base candidates instead of sampling them again
+    reranked = tmp_path / "reranked-B"
+    result = invoke_cli(["tune", "--group", "B", "--briefs", str(briefs), "--reward", str(reward_dir), "--out",
+                         str(reranked), "--rankings-from", str(guarded / "rankings-round000.safetensors"),
+                         "--candidates", "3", "--steps", "1", "--inference-steps", "2", "--threads", "1"], env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    files = [safe_open(str(folder / "rankings-round000.safetensors"), framework="pt") for folder in (guarded, reranked)]
+    (ranked_a, latents_a), (ranked_b, latents_b) = [(json.loads(f.metadata()["rankings"]), f.get_tensor("latents"))
+                                                    for f in files]
+    assert [r["prompt"] for r in ranked_b] == [r["prompt"] for r in ranked_a]
+    assert all(r["rewards"] == sorted(r["rewards"], reverse=True) for r in ranked_b)
+    assert [r["rewards"] for r in ranked_b] != [r["rewards"] for r in ranked_a]  # B's reward, not A's
+    for a, b, ra, rb in zip(latents_a, latents_b, ranked_a, ranked_b):  # the same candidates, in B's order
+        order = [min(range(3), key=lambda j: float((a[j] - candidate).abs().max())) for candidate in b]
+        assert sorted(order) == [0, 1, 2] and torch.equal(a[order], b)
