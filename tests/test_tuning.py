@@ -383,6 +383,26 @@ def test_target_groups_take_turns_and_a_tuned_group_gets_its_lora():
     assert plan_batches(brief, 2, frozenset({"A"})) == [("A", [0, 2]), ("A", [4]), (None, [1, 3])]
 
 
+def test_adapters_default_to_the_users_then_the_bundles_and_another_base_models_are_left_out(tmp_path, caplog):
+    from genshop.adapters import ADAPTER_RECORD, LORA_WEIGHTS, available_adapters
+    from genshop.settings import BUNDLE_DIR, default_adapters
+
+    home = tmp_path / "home"
+    assert default_adapters(home) == BUNDLE_DIR / "adapters"  # nothing of the user's: the bundle's
+    for group, base in (("A", "genshop/assets/genshop-mini/pipeline"), ("B", "hf/some-other-model"), ("C", None)):
+        folder = home / "adapters" / group
+        folder.mkdir(parents=True)
+        (folder / LORA_WEIGHTS).write_bytes(b"")
+        if base:
+            (folder / ADAPTER_RECORD).write_text(json.dumps({"group": group, "base_model": base}))
+    assert default_adapters(home) == home / "adapters"
+    assert available_adapters(home / "adapters") == {g: home / "adapters" / g for g in "ABC"}
+    with caplog.at_level("WARNING", logger="genshop.adapters"):
+        kept = available_adapters(home / "adapters", "genshop/assets/genshop-mini/pipeline")
+    assert kept == {"A": home / "adapters" / "A", "C": home / "adapters" / "C"}  # C records no base model
+    assert "hf/some-other-model" in caplog.text and "group B gets the base model" in caplog.text
+
+
 def test_win_rate_counts_ties_half_and_diversity_is_mean_pairwise_cosine_distance():
     import numpy as np
 
