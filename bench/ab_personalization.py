@@ -45,6 +45,7 @@ def main() -> None:
                         help="the real products of the control arm (the val split)")
     parser.add_argument("--groups", default="A,B,C,D")
     parser.add_argument("--per-type", type=int, default=1, help="held-out briefs per article type")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many held-out briefs")
     parser.add_argument("--variants", type=int, default=2)
     parser.add_argument("--best-of", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
@@ -61,6 +62,7 @@ def main() -> None:
         per_type[entry["article_type"]] = per_type.get(entry["article_type"], 0) + 1
         if per_type[entry["article_type"]] <= args.per_type:
             entries.append(entry)
+    entries = entries[: args.limit]
 
     from genshop.briefs import parse_brief
     from genshop.local_worker import LocalModels, load_local_models, run_locally
@@ -120,7 +122,7 @@ def main() -> None:
             other = readouts[arm, g]
             rows.append((g, f"{arm} vs base", {"ctr_uplift": relative_vs(other, base), "impressions": other["impressions"],
                                                 "ctr": other["ctr"]}))
-    print(f"\n{args.per_type * 12} held-out briefs x {args.variants} variants per arm, {args.steps} steps, "
+    print(f"\n{len(entries)} held-out briefs x {args.variants} variants per arm, {args.steps} steps, "
           f"{args.customers} simulated customers per experiment (one experiment per group)\n")
     print("| group | arm | impressions | CTR | CTR uplift [95% CI] |")
     print("|---|---|---|---|---|")

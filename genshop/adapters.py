@@ -108,3 +108,22 @@ def use_group(pipeline, group_id: str | None, adapters: dict[str, Path]) -> bool
     if adapters:
         pipeline.disable_lora()
     return False
+
+
+def scale_group_adapter(folder: Path, scale: float, out: Path) -> Path:
+    """A copy of a LoRA with its update scaled by ``scale`` (every ``up``/``B`` matrix times it):
+    ``scale`` < 1 moves the tuned model back toward the base in weight space, a KL-like knob
+    applied after training. ``genshop_adapter.json`` is copied with ``scale`` recorded."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(Path(folder) / LORA_WEIGHTS))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor * scale if (".lora.up." in name or ".lora_B." in name) else tensor
+               for name, tensor in weights.items()}, str(out / LORA_WEIGHTS))
+    record = Path(folder) / ADAPTER_RECORD
+    meta = json.loads(record.read_text()) if record.is_file() else {}
+    meta["scale"] = meta.get("scale", 1.0) * scale
+    (out / ADAPTER_RECORD).write_text(json.dumps(meta, indent=2))
+    return out
+

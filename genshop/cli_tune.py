@@ -81,6 +81,20 @@ def _best_of(context, parameter, value: str) -> list[int]:
     return numbers
 
 
+@tune.command("scale")
+@click.argument("adapter", type=FOLDER)
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="the LoRA update times this (< 1: toward the base model)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def tune_scale(adapter, scale, out) -> None:
+    """Write a copy of a group LoRA with its update scaled (a KL-like knob after training)."""
+    from genshop.adapters import LORA_WEIGHTS, scale_group_adapter
+
+    if not (adapter / LORA_WEIGHTS).is_file():
+        raise InvalidInput(f"adapter: {adapter} has no {LORA_WEIGHTS}")
+    stdout.print(f"adapter: {scale_group_adapter(adapter, scale, out)}")
+
+
 @tune.command("eval")
 @click.option("--group", "groups", required=True, multiple=True,
               help="the group (repeat for several: the base and the ceilings only, images shared)")

@@ -571,3 +571,23 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     for a, b, ra, rb in zip(latents_a, latents_b, ranked_a, ranked_b):  # the same candidates, in B's order
         order = [min(range(3), key=lambda j: float((a[j] - candidate).abs().max())) for candidate in b]
         assert sorted(order) == [0, 1, 2] and torch.equal(a[order], b)
+
+
+def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "A"
+    source.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    save_file({f"unet.mid_block.attn1.{target}.lora.{side}.weight": torch.randn(4, 8, generator=generator)
+               for target in ("to_q", "to_v") for side in ("up", "down")}, str(source / "pytorch_lora_weights.safetensors"))
+    result = invoke_cli(["tune", "scale", str(source), "--scale", "0.5", "--out", str(tmp_path / "half")], env)
+    assert result.returncode == 0, result.stderr
+    before, after = (load_file(str(folder / "pytorch_lora_weights.safetensors")) for folder in (source, tmp_path / "half"))
+    assert sorted(before) == sorted(after) and any(".lora.up." in name or "lora_B" in name for name in before)
+    for name, tensor in before.items():
+        scaled = ".lora.up." in name or "lora_B" in name
+        assert torch.allclose(after[name], tensor * (0.5 if scaled else 1.0)), name
+    assert json.loads((tmp_path / "half" / "genshop_adapter.json").read_text())["scale"] == 0.5
+    refused = invoke_cli(["tune", "scale", str(source), "--scale", "0", "--out", str(tmp_path / "zero")], env)
+    assert refused.returncode == 2 and "--scale" in refused.stderr and not (tmp_path / "zero").exists()
