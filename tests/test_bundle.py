@@ -28,7 +28,7 @@ def test_a_black_leather_wallet_from_the_bundle_is_judged_a_wallet_like_accessor
     assert sum(colour == "Black" for colour in judged["colour"]) >= 3, judged
 
 
-def test_the_bundle_ships_one_mini_lora_per_group_and_stays_within_60_mib():
+def test_the_bundle_ships_at_most_one_mini_lora_per_group_and_stays_within_60_mib():
     import json
 
     from genshop.adapters import ADAPTER_RECORD, LORA_WEIGHTS, available_adapters
@@ -36,7 +36,8 @@ def test_the_bundle_ships_one_mini_lora_per_group_and_stays_within_60_mib():
     from genshop.settings import REPO_ROOT
 
     shipped = available_adapters(BUNDLE_DIR / "adapters", "genshop/assets/genshop-mini/pipeline")
-    assert sorted(shipped) == sorted(g.id for g in load_groups(REPO_ROOT / "configs" / "groups.yaml"))
+    assert set(shipped) == {"B", "C"}  # the groups whose LoRA passed tune eval (README: Preference tuning)
+    assert set(shipped) <= {g.id for g in load_groups(REPO_ROOT / "configs" / "groups.yaml")}
     assert sorted(p.name for p in (BUNDLE_DIR / "adapters").iterdir()) == sorted(shipped)  # nothing beside them
     for group, folder in shipped.items():
         assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_RECORD, LORA_WEIGHTS])
