@@ -65,7 +65,7 @@ def run_demo(
     return records, sheet
 
 
-def base_vs_tuned(store: Store, models, preset: str, progress_for=None, groups: int = 2, variants: int = 4
+def base_vs_tuned(store: Store, models, preset: str, progress_for=None, groups: int = 2, variants: int = 3
                   ) -> tuple[list[BriefRecord], list[tuple[str, list[tuple[Image.Image, str]]]]]:
     """The first demo brief's design from the base model and from the LoRA of each of (up to)
     ``groups`` tuned groups, each image captioned with that group's reward: one brief for the
