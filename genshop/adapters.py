@@ -14,6 +14,8 @@ to the base model) without reloading anything.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging as std_logging
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ import torch
 from genshop.families import Family, StableDiffusion
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_RECORD = "genshop_adapter.json"  # what genshop tune wrote beside the weights: group, base model, steps, ...
+log = std_logging.getLogger(__name__)
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's; each family has its own (Family.lora_targets)
 
 
@@ -50,18 +54,35 @@ def save_group_adapter(denoiser, group_id: str, folder: str | Path, family: Fami
     return family.save_lora(folder, family.lora_state_dict(denoiser, adapter_name(group_id)))
 
 
-def available_adapters(root: str | Path | None) -> dict[str, Path]:
-    """Group id → adapter folder, for every ``root/<group>/pytorch_lora_weights.safetensors``."""
+def available_adapters(root: str | Path | None, base_model: str | None = None) -> dict[str, Path]:
+    """Group id → adapter folder, for every ``root/<group>/pytorch_lora_weights.safetensors``; with
+    ``base_model``, an adapter whose ``genshop_adapter.json`` names another base model is left out
+    (with a warning): the bundle's LoRAs are the mini model's, not a tiny or a hub model's."""
     if root is None or not Path(root).is_dir():
         return {}
-    return {path.parent.name: path.parent for path in sorted(Path(root).glob(f"*/{LORA_WEIGHTS}"))}
+    adapters = {}
+    for path in sorted(Path(root).glob(f"*/{LORA_WEIGHTS}")):
+        trained_on = adapter_base_model(path.parent)
+        if base_model is not None and trained_on is not None and trained_on != base_model:
+            log.warning("adapter %s was tuned on %s, not %s: group %s gets the base model",
+                        path.parent, trained_on, base_model, path.parent.name)
+            continue
+        adapters[path.parent.name] = path.parent
+    return adapters
 
 
-def load_group_adapters(pipeline, root: str | Path | None) -> dict[str, Path]:
-    """Load every group adapter under ``root`` onto the pipeline (inactive until ``use_group``)."""
+def adapter_base_model(folder: Path) -> str | None:
+    """The base model a LoRA was tuned on, from its ``genshop_adapter.json`` (None: not recorded)."""
+    record = folder / ADAPTER_RECORD
+    return json.loads(record.read_text()).get("base_model") if record.is_file() else None
+
+
+def load_group_adapters(pipeline, root: str | Path | None, base_model: str | None = None) -> dict[str, Path]:
+    """Load every group adapter under ``root`` (tuned on ``base_model``, when given) onto the
+    pipeline, inactive until ``use_group``."""
     from diffusers.utils import logging
 
-    adapters = available_adapters(root)
+    adapters = available_adapters(root, base_model)
     previous = logging.get_verbosity()
     logging.set_verbosity_error()  # "no LoRA keys for the text encoder": true of every denoiser-only adapter
     try:
@@ -87,3 +108,22 @@ def use_group(pipeline, group_id: str | None, adapters: dict[str, Path]) -> bool
     if adapters:
         pipeline.disable_lora()
     return False
+
+
+def scale_group_adapter(folder: Path, scale: float, out: Path) -> Path:
+    """A copy of a LoRA with its update scaled by ``scale`` (every ``up``/``B`` matrix times it):
+    ``scale`` < 1 moves the tuned model back toward the base in weight space, a KL-like knob
+    applied after training. ``genshop_adapter.json`` is copied with ``scale`` recorded."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(Path(folder) / LORA_WEIGHTS))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor * scale if (".lora.up." in name or ".lora_B." in name) else tensor
+               for name, tensor in weights.items()}, str(out / LORA_WEIGHTS))
+    record = Path(folder) / ADAPTER_RECORD
+    meta = json.loads(record.read_text()) if record.is_file() else {}
+    meta["scale"] = meta.get("scale", 1.0) * scale
+    (out / ADAPTER_RECORD).write_text(json.dumps(meta, indent=2))
+    return out
+

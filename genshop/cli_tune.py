@@ -22,6 +22,9 @@ from genshop.cli_train import _progress_bar, stage_progress
                    "marked good or bad: a ranking's top and bottom, or clicks/purchases/choices of --preferences)")
 @click.option("--preferences", type=FILE, multiple=True,
               help="offline: impressions Parquet whose items are image files (e.g. an A/B import), instead of sampling")
+@click.option("--rankings-from", type=FILE, default=None,
+              help="round 0: re-rank another run's base-model candidates (OUT/rankings-round000.safetensors) "
+                   "for this group instead of sampling them again")
 @click.option("--candidates", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", "steps_per_round", type=click.IntRange(min=1), default=100, show_default=True,
@@ -76,6 +79,20 @@ def _best_of(context, parameter, value: str) -> list[int]:
     if any(n < 1 for n in numbers):
         raise click.BadParameter("each N must be at least 1")
     return numbers
+
+
+@tune.command("scale")
+@click.argument("adapter", type=FOLDER)
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="the LoRA update times this (< 1: toward the base model)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def tune_scale(adapter, scale, out) -> None:
+    """Write a copy of a group LoRA with its update scaled (a KL-like knob after training)."""
+    from genshop.adapters import LORA_WEIGHTS, scale_group_adapter
+
+    if not (adapter / LORA_WEIGHTS).is_file():
+        raise InvalidInput(f"adapter: {adapter} has no {LORA_WEIGHTS}")
+    stdout.print(f"adapter: {scale_group_adapter(adapter, scale, out)}")
 
 
 @tune.command("eval")

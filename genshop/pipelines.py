@@ -155,8 +155,9 @@ def weights_revision(location: str, preset: Preset) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipeline:
-    """Load the preset's pipeline with ``from_pretrained``; offline failures are one-line errors."""
+def load_pipeline(preset: Preset | str, device: str | None = None, adapters: bool = True) -> LoadedPipeline:
+    """Load the preset's pipeline with ``from_pretrained``; offline failures are one-line errors.
+    ``adapters``: with the group LoRAs of ``GENSHOP_ADAPTERS`` (tuning and its evaluation load the base only)."""
     import diffusers
 
     from genshop.families import family_for_class_name
@@ -192,7 +193,8 @@ def load_pipeline(preset: Preset | str, device: str | None = None) -> LoadedPipe
     pipe.set_progress_bar_config(disable=True)
     from genshop.adapters import adapter_fingerprint, load_group_adapters
 
-    adapters = load_group_adapters(pipe, get_settings().adapters_dir)  # hashed once here, not per batch
-    return LoadedPipeline(pipeline=pipe, preset=preset, model_id=preset.model or f"genshop/{Path(location).name}",
+    model_id = preset.model or f"genshop/{Path(location).name}"
+    adapters = load_group_adapters(pipe, get_settings().adapters_dir if adapters else None, model_id)  # hashed once
+    return LoadedPipeline(pipeline=pipe, preset=preset, model_id=model_id,
                           revision=weights_revision(location, preset), device=device, adapters=adapters,
                           adapter_revisions={group: adapter_fingerprint(folder) for group, folder in adapters.items()})

@@ -60,11 +60,30 @@ class ItemUnderstanding(BaseModel):
     near_duplicate_similarity: float | None
 
 
+class BestOfPick(BaseModel):
+    """How a best-of-N item was picked: N, the kept candidate, its rank (1 = top) and every candidate's score."""
+
+    n: int
+    kept: int
+    rank: int
+    scores: list[float]
+
+
+def best_of_pick(timings: dict[str, float]) -> BestOfPick | None:
+    """An item's best-of-N record back from its ``timings`` (None: a single sample)."""
+    if "best_of_n" not in timings:
+        return None
+    n = int(timings["best_of_n"])
+    return BestOfPick(n=n, kept=int(timings["best_of_kept"]), rank=int(timings["best_of_rank"]),
+                      scores=[timings[f"best_of_score_{c}"] for c in range(n)])
+
+
 class ItemDetails(ItemRecord):
     """A generated item with what the later stages added: per-group scores, understanding."""
 
     scores: list[ItemScore]
     understanding: ItemUnderstanding | None
+    best_of: BestOfPick | None = None  # a best-of-N item: its rank and the other candidates' scores
 
 
 def submit_brief(store: Store, brief: Brief, preset_name: str, designer: str | None = None,
@@ -468,7 +487,8 @@ def details_of(store: Store, items: list[ItemRecord]) -> list[ItemDetails]:
     for score in store.list_item_scores([item.id for item in items]):
         scores.setdefault(score.item_id, []).append(ItemScore.model_validate(score.model_dump()))
     understood = {u.item_id: _understanding(u) for u in store.list_understandings([item.id for item in items])}
-    return [ItemDetails(**item.model_dump(), scores=scores.get(item.id, []), understanding=understood.get(item.id))
+    return [ItemDetails(**item.model_dump(), scores=scores.get(item.id, []), understanding=understood.get(item.id),
+                        best_of=best_of_pick(item.timings))
             for item in items]
 
 

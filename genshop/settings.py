@@ -48,7 +48,8 @@ class Settings(BaseModel):
     classifier: str = Field(description="GENSHOP_CLASSIFIER: 'zero-shot' (default) or 'top-tuned'")
     index_dir: Path = Field(description="GENSHOP_INDEX_DIR: the vector index folder (default HOME/index)")
     adapters_dir: Path | None = Field(description="GENSHOP_ADAPTERS: group LoRAs, one folder per group id "
-                                                  "(default HOME/adapters); 'off': base model for every group")
+                                                  "(default HOME/adapters when it exists, else the bundle's adapters/); "
+                                                  "'off': base model for every group")
     device: str = Field(description="GENSHOP_DEVICE: torch device, 'auto' picks cuda when available")
     soft_time_limit: int = Field(description="GENSHOP_SOFT_TIME_LIMIT: seconds before a task is asked to stop")
     hard_time_limit: int = Field(description="GENSHOP_HARD_TIME_LIMIT: seconds before a task's process is killed")
@@ -85,6 +86,12 @@ class Settings(BaseModel):
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+def default_adapters(home: Path) -> Path:
+    """HOME/adapters when the user has put LoRAs there, else the bundle's (one per group, tuned on mini)."""
+    own = home / "adapters"
+    return own if own.is_dir() else BUNDLE_DIR / "adapters"
 
 
 def _optional_path(name: str, default: Path | None) -> Path | None:
@@ -147,7 +154,7 @@ def get_settings() -> Settings:
         understanding=_optional_path("GENSHOP_UNDERSTANDING", BUNDLE_DIR / "understanding"),
         classifier=_env("GENSHOP_CLASSIFIER", "zero-shot"),
         index_dir=Path(_env("GENSHOP_INDEX_DIR", str(home / "index"))).expanduser().resolve(),
-        adapters_dir=_optional_path("GENSHOP_ADAPTERS", home / "adapters"),
+        adapters_dir=_optional_path("GENSHOP_ADAPTERS", default_adapters(home)),
         device=_env("GENSHOP_DEVICE", "auto"),
         soft_time_limit=int(_env("GENSHOP_SOFT_TIME_LIMIT", str(max(1, hard - min(60, hard // 10))))),
         hard_time_limit=hard,

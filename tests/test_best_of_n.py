@@ -56,10 +56,12 @@ def test_best_of_n_batches_bound_the_candidates_per_call():
     assert plan_batches(parse_brief({"title": "A", "variants": 3}), 8) == [(None, [0, 1, 2])]
 
 
-def test_a_best_of_n_brief_runs_through_the_service_and_its_items_record_the_pick(tmp_path, env, monkeypatch,
-                                                                                   open_clip_dir):
+def test_a_best_of_n_brief_runs_through_the_service_records_the_pick_and_exports_as_its_own_arm(
+        tmp_path, env, monkeypatch, open_clip_dir):
+    from genshop.experiments.export import ExportConfig, export_ab, listing_id
+    from genshop.experiments.manifest import parse_arms
     from genshop.pipelines import load_pipeline
-    from genshop.service import run_brief, submit_brief
+    from genshop.service import item_details, run_brief, submit_brief
     from genshop.settings import get_settings
     from genshop.store import Store
 
@@ -70,7 +72,8 @@ def test_a_best_of_n_brief_runs_through_the_service_and_its_items_record_the_pic
     store = Store(f"sqlite:///{tmp_path / 'g.db'}", tmp_path / "files")
     record, _ = submit_brief(store, parse_brief({"title": "Red kurta", "variants": 2, "best_of": 3, "seed": 7,
                                                  "steps": 2, "groups": ["A"]}), "tiny-random")
-    finished = run_brief(store, record.id, load_pipeline("tiny-random"), max_attempts=2)
+    loaded = load_pipeline("tiny-random")
+    finished = run_brief(store, record.id, loaded, max_attempts=2)
     items = store.list_items(record.id)
     assert finished.status == "succeeded" and [i.variant for i in items] == [0, 1]
     for item in items:
@@ -78,3 +81,21 @@ def test_a_best_of_n_brief_runs_through_the_service_and_its_items_record_the_pic
         kept = int(item.timings["best_of_kept"])
         assert item.timings["best_of_n"] == 3 and item.timings["best_of_rank"] == 1
         assert kept == int(np.argmax(scores)) and item.seed == candidate_seed(7, item.variant, kept)
+    for details in item_details(store, record.id):  # what the gallery shows: rank and every candidate's score
+        assert details.best_of.n == 3 and details.best_of.rank == 1
+        assert details.best_of.scores == [details.timings[f"best_of_score_{c}"] for c in range(3)]
+        assert details.best_of.scores[details.best_of.kept] == max(details.best_of.scores)
+
+    plain, _ = submit_brief(store, parse_brief({"title": "Red kurta", "variants": 2, "seed": 7, "steps": 2,
+                                                "groups": ["A"]}), "tiny-random")
+    run_brief(store, plain.id, loaded, max_attempts=2)
+    assert item_details(store, plain.id)[0].best_of is None
+    manifest = export_ab(store, ExportConfig(out=tmp_path / "exp", arms=parse_arms(
+        "base=preset:tiny-random,best=best-of:3,all=generated"), briefs=[record.id, plain.id], salt="s"))
+    expected = {listing_id(arm, brief_id, item.id): arm for arm, brief_ids in
+                (("base", [plain.id]), ("best", [record.id]), ("all", [record.id, plain.id]))
+                for brief_id in brief_ids for item in store.list_items(brief_id)}
+    assert {lid: item.arm for lid, item in manifest.items.items()} == expected  # base: single samples only
+    with pytest.raises(ValueError, match="selector"):
+        parse_arms("base=generated,best=best-of:17")
+

@@ -26,3 +26,20 @@ def test_a_black_leather_wallet_from_the_bundle_is_judged_a_wallet_like_accessor
     assert Counter(judged["master_category"]).most_common(1)[0][0] == "Accessories", judged
     assert sum(article in WALLET_LIKE for article in judged["article_type"]) >= 3, judged
     assert sum(colour == "Black" for colour in judged["colour"]) >= 3, judged
+
+
+def test_the_bundle_ships_at_most_one_mini_lora_per_group_and_stays_within_60_mib():
+    import json
+
+    from genshop.adapters import ADAPTER_RECORD, LORA_WEIGHTS, available_adapters
+    from reward.groups import load_groups
+    from genshop.settings import REPO_ROOT
+
+    shipped = available_adapters(BUNDLE_DIR / "adapters", "genshop/assets/genshop-mini/pipeline")
+    assert set(shipped) == {"B", "C"}  # the groups whose LoRA passed tune eval (README: Preference tuning)
+    assert set(shipped) <= {g.id for g in load_groups(REPO_ROOT / "configs" / "groups.yaml")}
+    assert sorted(p.name for p in (BUNDLE_DIR / "adapters").iterdir()) == sorted(shipped)  # nothing beside them
+    for group, folder in shipped.items():
+        assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_RECORD, LORA_WEIGHTS])
+        assert json.loads((folder / ADAPTER_RECORD).read_text())["group"] == group
+    assert sum(p.stat().st_size for p in BUNDLE_DIR.rglob("*") if p.is_file()) <= 60 * 2**20

@@ -240,3 +240,25 @@ def test_the_gallery_shows_the_latest_audit_and_explains_a_variants_scores(page,
     other = httpx.get(f"{server.url}/api/items/{item_id}/explanations",
                       headers={"Authorization": f"Bearer {API_TOKENS['bob']}"})
     assert other.status_code == 404  # another designer's item does not exist for them
+
+
+def test_a_best_of_n_variant_shows_its_rank_and_the_other_candidates_scores(page, api_service):
+    import httpx
+
+    from tests.test_api import wait_finished
+
+    server, _ = api_service
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_TOKENS['dana']}"}, timeout=30)
+    created = api.post("/api/briefs", json={"title": "Men's blue shirt", "variants": 2, "best_of": 3, "seed": 3,
+                                            "steps": 2, "groups": ["B"]})
+    assert created.status_code == 201, created.text
+    assert wait_finished(api, created.json()["id"])["status"] == "succeeded"
+    picks = [item["best_of"] for item in api.get(f"/api/briefs/{created.json()['id']}/items").json()]
+    sign_in(page, "dana")
+    page.locator(f"#briefs li[data-brief-id='{created.json()['id']}']").click()
+    page.wait_for_function("() => document.querySelectorAll('#variants .variant .best-of').length === 2",
+                           timeout=30_000)
+    for card, pick in zip(page.locator("#variants .variant .best-of").all(), picks):
+        others = [f"{s:.3f}" for c, s in enumerate(pick["scores"]) if c != pick["kept"]]
+        assert card.inner_text().startswith(f"best of 3 · rank 1 ({max(pick['scores']):.3f})")
+        assert card.locator(".candidate").all_inner_texts() == others

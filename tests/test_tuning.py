@@ -359,6 +359,26 @@ def test_target_groups_take_turns_and_a_tuned_group_gets_its_lora():
     assert plan_batches(brief, 2, frozenset({"A"})) == [("A", [0, 2]), ("A", [4]), (None, [1, 3])]
 
 
+def test_adapters_default_to_the_users_then_the_bundles_and_another_base_models_are_left_out(tmp_path, caplog):
+    from genshop.adapters import ADAPTER_RECORD, LORA_WEIGHTS, available_adapters
+    from genshop.settings import BUNDLE_DIR, default_adapters
+
+    home = tmp_path / "home"
+    assert default_adapters(home) == BUNDLE_DIR / "adapters"  # nothing of the user's: the bundle's
+    for group, base in (("A", "genshop/assets/genshop-mini/pipeline"), ("B", "hf/some-other-model"), ("C", None)):
+        folder = home / "adapters" / group
+        folder.mkdir(parents=True)
+        (folder / LORA_WEIGHTS).write_bytes(b"")
+        if base:
+            (folder / ADAPTER_RECORD).write_text(json.dumps({"group": group, "base_model": base}))
+    assert default_adapters(home) == home / "adapters"
+    assert available_adapters(home / "adapters") == {g: home / "adapters" / g for g in "ABC"}
+    with caplog.at_level("WARNING", logger="genshop.adapters"):
+        kept = available_adapters(home / "adapters", "genshop/assets/genshop-mini/pipeline")
+    assert kept == {"A": home / "adapters" / "A", "C": home / "adapters" / "C"}  # C records no base model
+    assert "hf/some-other-model" in caplog.text and "group B gets the base model" in caplog.text
+
+
 def test_win_rate_counts_ties_half_and_diversity_is_mean_pairwise_cosine_distance():
     import numpy as np
 
@@ -511,3 +531,39 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     assert saved["steps"] == max(validation, key=lambda r: r["mean_reward"])["step"] and saved["trained_steps"] == 4
     too_strict = invoke_cli([*args[:8], str(tmp_path / "strict"), *args[9:-4], "--min-margin", "1e9"], env)
     assert too_strict.returncode != 0 and "min-margin" in (too_strict.stdout + too_strict.stderr)
+
+    # another group re-ranks that run's round-0 base candidates instead of sampling them again
+    reranked = tmp_path / "reranked-B"
+    result = invoke_cli(["tune", "--group", "B", "--briefs", str(briefs), "--reward", str(reward_dir), "--out",
+                         str(reranked), "--rankings-from", str(guarded / "rankings-round000.safetensors"),
+                         "--candidates", "3", "--steps", "1", "--inference-steps", "2", "--threads", "1"], env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    files = [safe_open(str(folder / "rankings-round000.safetensors"), framework="pt") for folder in (guarded, reranked)]
+    (ranked_a, latents_a), (ranked_b, latents_b) = [(json.loads(f.metadata()["rankings"]), f.get_tensor("latents"))
+                                                    for f in files]
+    assert [r["prompt"] for r in ranked_b] == [r["prompt"] for r in ranked_a]
+    assert all(r["rewards"] == sorted(r["rewards"], reverse=True) for r in ranked_b)
+    assert [r["rewards"] for r in ranked_b] != [r["rewards"] for r in ranked_a]  # B's reward, not A's
+    for a, b, ra, rb in zip(latents_a, latents_b, ranked_a, ranked_b):  # the same candidates, in B's order
+        order = [min(range(3), key=lambda j: float((a[j] - candidate).abs().max())) for candidate in b]
+        assert sorted(order) == [0, 1, 2] and torch.equal(a[order], b)
+
+
+def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "A"
+    source.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    save_file({f"unet.mid_block.attn1.{target}.lora.{side}.weight": torch.randn(4, 8, generator=generator)
+               for target in ("to_q", "to_v") for side in ("up", "down")}, str(source / "pytorch_lora_weights.safetensors"))
+    result = invoke_cli(["tune", "scale", str(source), "--scale", "0.5", "--out", str(tmp_path / "half")], env)
+    assert result.returncode == 0, result.stderr
+    before, after = (load_file(str(folder / "pytorch_lora_weights.safetensors")) for folder in (source, tmp_path / "half"))
+    assert sorted(before) == sorted(after) and any(".lora.up." in name or "lora_B" in name for name in before)
+    for name, tensor in before.items():
+        scaled = ".lora.up." in name or "lora_B" in name
+        assert torch.allclose(after[name], tensor * (0.5 if scaled else 1.0)), name
+    assert json.loads((tmp_path / "half" / "genshop_adapter.json").read_text())["scale"] == 0.5
+    refused = invoke_cli(["tune", "scale", str(source), "--scale", "0", "--out", str(tmp_path / "zero")], env)
+    assert refused.returncode == 2 and "--scale" in refused.stderr and not (tmp_path / "zero").exists()

@@ -84,11 +84,16 @@ def _description(brief: BriefRecord, attributes: dict[str, str]) -> str:
     return ". ".join(part for part in (brief.brief.description, facts) if part)
 
 
+def item_best_of(timings: dict[str, float]) -> int:
+    """N of the best-of-N pick that made an item (1: a single sample)."""
+    return int(timings.get("best_of_n", 1))
+
+
 def generated_listings(store: Store, arm: Arm, brief: BriefRecord) -> list[tuple[Listing, Path]]:
     """The brief's generated items that ``arm`` selects, with what the enrich and score stages found."""
     if arm.kind == "preset" and brief.preset != arm.value:
         return []
-    items = [item for item in store.list_items(brief.id) if arm.kind != "model" or item.model_id == arm.value]
+    items = [item for item in store.list_items(brief.id) if arm.selects(item.model_id, item_best_of(item.timings))]
     scores: dict[str, dict[str, float]] = {}
     reward_models: dict[str, str] = {}
     for score in store.list_scores(brief.id):

@@ -9,6 +9,10 @@ a selector of the listings the arm shows for each brief of the experiment:
 | ``generated`` | every generated item of the brief |
 | ``preset:NAME`` | generated items of briefs run with preset NAME |
 | ``model:ID`` | generated items made by model ID (a base pipeline, or base plus adapter) |
+| ``best-of:N`` | generated items kept from N candidates by the reward (briefs with ``best_of: N``) |
+
+``preset:`` and ``model:`` arms list single samples only; a best-of item belongs to its
+``best-of:N`` arm (and to ``generated``), so base and best-of-N are arms side by side.
 
 The first arm is the control. Arm names are unique and weights finite, in (0, 1e6].
 Arm names, like experiment ids, are short slugs: they name
@@ -53,7 +57,7 @@ class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Slug
-    selector: str = Field(pattern=r"^(catalog|generated|preset:[^,]+|model:[^,]+)$")
+    selector: str = Field(pattern=r"^(catalog|generated|preset:[^,]+|model:[^,]+|best-of:([2-9]|1[0-6]))$")
     weight: float = Field(default=1.0, gt=0, le=MAX_ARM_WEIGHT, allow_inf_nan=False)
 
     @property
@@ -63,6 +67,14 @@ class Arm(BaseModel):
     @property
     def value(self) -> str:
         return self.selector.partition(":")[2]
+
+    def selects(self, model_id: str, best_of: int) -> bool:
+        """Whether a generated item made by ``model_id`` from ``best_of`` candidates is this arm's."""
+        if self.kind == "best-of":
+            return best_of == int(self.value)
+        if self.kind in ("preset", "model"):
+            return best_of == 1 and (self.kind == "preset" or model_id == self.value)
+        return self.kind == "generated"
 
 
 def repeated_arm_names(arms: list[Arm]) -> list[str]:

@@ -178,12 +178,12 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
     preset = load_preset(config.preset or get_settings().preset)
     briefs = load_tune_briefs(config.briefs, preset, config.seed, steps=config.inference_steps,
                               variants=config.variants)
-    loaded = load_pipeline(preset)
+    loaded = load_pipeline(preset, adapters=False)
     pipeline, family = loaded.pipeline, loaded.family
     arms = ["base"]
     adapters = {}
     if config.adapter is not None:
-        adapters = {"eval": config.adapter}  # under its own name, beside any the workers' settings loaded
+        adapters = {"eval": config.adapter}
         pipeline.load_lora_weights(str(config.adapter), adapter_name=adapter_name("eval"))
         arms.append("tuned")
     model, embedder = load_scorer(config.reward)

@@ -45,7 +45,7 @@ from genshop.briefs import Brief, parse_brief, resolve_brief
 from genshop.generation import build_prompt
 from genshop.run_log import append_log, read_log, truncate_log
 from genshop.training.checkpoint import has_training_state, load_training_state, save_training_state
-from genshop.adapters import add_group_adapter, save_group_adapter
+from genshop.adapters import ADAPTER_RECORD, add_group_adapter, save_group_adapter
 from genshop.families import family_of
 from genshop.tuning.denoising import vae_scale_factor
 from genshop.tuning.losses import default_beta, denoising_errors, preference_loss, ranking_labels
@@ -64,6 +64,9 @@ class TuneConfig(BaseModel):
     objective: Literal["dpo", "listwise", "kto"] = "dpo"
     preferences: list[Path] = Field(default_factory=list,
                                     description="offline: impressions files (items = image files) instead of sampling")
+    rankings_from: Path | None = Field(default=None, description="round 0 re-ranks the base model's candidates of "
+                                       "another run (its rankings-round000.safetensors) for this group instead of "
+                                       "sampling them again: the same prompts, candidates and seeds")
     min_margin: float = Field(default=0.0, ge=0, description="guard: sampled rankings whose best and worst rewards "
                               "differ by less are dropped (near-ties the reward cannot tell apart)")
     validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
@@ -171,6 +174,26 @@ def preference_rankings(family, pipeline, paths: list[Path], group: str, width: 
             if other != row.chosen:
                 rankings.append(Ranking(prompt=row.brief, rewards=[1.0, 0.0]))
                 latents.append(torch.stack([latent(row.chosen), latent(other)]))
+    return rankings, torch.stack(latents)
+
+
+@torch.no_grad()
+def rerank(family, pipeline, path: Path, group: str, scorer) -> tuple[list[Ranking], torch.Tensor]:
+    """Another run's round-0 candidates (sampled from the base model, so the same for every group),
+    ranked by this group's reward."""
+    from reward.scoring import score_images
+
+    model, embedder = scorer
+    with safe_open(str(path), framework="pt") as f:
+        sampled = [Ranking.model_validate(r) for r in json.loads(f.metadata()["rankings"])]
+        all_latents = f.get_tensor("latents")
+    rankings, latents = [], []
+    for ranking, candidates in zip(sampled, all_latents):
+        images = family.decode_latents(pipeline, candidates)
+        rewards = score_images(model, embedder, images, ranking.prompt, [group])[group].rewards
+        order = np.argsort(rewards)[::-1].copy()
+        rankings.append(Ranking(prompt=ranking.prompt, rewards=[rewards[j] for j in order]))
+        latents.append(candidates[torch.from_numpy(order)])
     return rankings, torch.stack(latents)
 
 
@@ -300,7 +323,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     briefs = load_tune_briefs(config.briefs, preset, config.seed, steps=config.inference_steps,
                               guidance_scale=config.guidance_scale)
     briefs, validation = split_validation(briefs, config.validation_briefs, config.seed)
-    loaded = load_pipeline(preset)
+    loaded = load_pipeline(preset, adapters=False)  # a group's LoRA is tuned from the base model
     pipeline = loaded.pipeline
     family = family_of(pipeline)
     denoiser = family.denoiser(pipeline)
@@ -352,7 +375,9 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         else:
             if progress:
                 progress("sample", 0, len(briefs), {"round": round_index})
-            if config.preferences:
+            if config.rankings_from is not None and round_index == 0:
+                rankings, latents = rerank(family, pipeline, config.rankings_from, config.group, scorer)
+            elif config.preferences:
                 rankings, latents = preference_rankings(family, pipeline, config.preferences, config.group, briefs[0].width,
                                                         briefs[0].height, config.objective)
             else:
@@ -433,7 +458,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             lora.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
     else:
         save_group_adapter(denoiser, config.group, adapter, family=family)
-    (adapter / "genshop_adapter.json").write_text(json.dumps({
+    (adapter / ADAPTER_RECORD).write_text(json.dumps({
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
         "base_revision": loaded.revision, "steps": saved_steps, "trained_steps": step, "beta": beta,
         "rank": config.rank, "family": family.name, "prediction_type": process.prediction_type,

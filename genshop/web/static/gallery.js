@@ -170,6 +170,14 @@ function scoresTable(scores) {
     el("td", {}, s.score.toFixed(3)))));
 }
 
+function bestOfLine(pick) {
+  // a best-of-N item: its rank among the candidates and the others' reward scores
+  const others = pick.scores.map((score, c) => ({ score, c })).filter(({ c }) => c !== pick.kept);
+  return el("div", { class: "best-of", "data-rank": String(pick.rank) },
+    `best of ${pick.n} · rank ${pick.rank} (${pick.scores[pick.kept].toFixed(3)}) · others `,
+    ...others.map(({ score, c }) => el("span", { class: "candidate", "data-candidate": String(c) }, score.toFixed(3))));
+}
+
 function variantCard(item) {
   const images = el("div", { class: "images" },
     el("figure", {}, el("img", { src: item.image_url, alt: `variant ${item.variant}` }), modelLabel(item.model_id)));
@@ -180,6 +188,7 @@ function variantCard(item) {
   const card = el("figure", { class: "variant", "data-item-id": item.id }, images,
     el("figcaption", {}, `#${item.variant} · seed ${item.seed}` + (item.brief_title ? ` · ${item.brief_title}` : "")));
   if (item.scores.length) card.append(scoresTable(item.scores), explanationBlock(item)); // audit.js
+  if (item.best_of) card.append(bestOfLine(item.best_of));
   card.append(pickControls(item, card));
   showPicks(card, item.picks ?? []);
   const understood = item.understanding;
