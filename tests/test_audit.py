@@ -197,11 +197,13 @@ def test_the_generator_audit_reads_each_groups_images_with_the_understanding_hea
     from genshop.audit.reward_audit import AuditInputError
     from genshop.catalog_data import decode_image
     from genshop.embedding import EmbeddingConfig, load_embedder
+    from genshop.settings import get_settings
     from genshop.understanding.taxonomy import save_taxonomy
     from tests.conftest import write_random_group_adapter
 
     torch.set_num_threads(1)  # two shared cores: more threads only contend
     write_random_group_adapter(tmp_path / "home" / "adapters" / "A")  # GENSHOP_ADAPTERS: the home's adapters/
+    get_settings.cache_clear()  # read before that folder existed (the bundle's adapters then)
     frame = synthetic_catalog(80, seed=3)
     frame.to_parquet(tmp_path / "catalog.parquet", index=False)
     taxonomy = taxonomy_from_catalog(frame, "synthetic")

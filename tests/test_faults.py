@@ -107,9 +107,9 @@ def test_1000_briefs_through_2_processes_survive_a_redis_restart(tmp_path, model
     env = make_env(tmp_path / "home", models_dir, GENSHOP_BROKER_URL=f"redis://127.0.0.1:{own_redis.port}/0",
                    GENSHOP_HARD_TIME_LIMIT="30", GENSHOP_VISIBILITY_TIMEOUT="40")
     store = Store(f"sqlite:///{tmp_path / 'home' / 'genshop.db'}", tmp_path / "home")
-    start_worker(env, concurrency=2)
     subprocess.run([sys.executable, "-c", SUBMIT_MANY, str(n)], env=env, check=True, timeout=300)
     assert len(store.list_briefs()) == n
+    start_worker(env, concurrency=2)  # after the backlog is queued: batched across briefs, the workers outrun a submit
 
     wait_for(lambda: len(store.list_briefs("succeeded")) >= n // 4, 300, 0.2, what="a quarter of the briefs")
     done_before_restart = len(store.list_briefs("succeeded"))
