@@ -155,7 +155,7 @@ def main() -> None:
                       f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}")
     Console(width=120).print(table)
     status, search, new = results.values()
-    print(f"search/status: {status['rps'] / search['rps']:.1f}x fewer requests/s, "
+    print(f"search against status: {search['rps'] / status['rps']:.1f}x the requests/s, "
           f"{search['p95_ms'] / status['p95_ms']:.1f}x the p95 latency")
     for name, r in (("search (repeating queries)", search), ("search (every query new)", new)):
         print(f"{name}: p50 {r['p50_ms']:.1f} ms [target <= 100: {'PASS' if r['p50_ms'] <= 100 else 'FAIL'}], "
