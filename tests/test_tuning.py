@@ -389,6 +389,22 @@ def test_win_rate_counts_ties_half_and_diversity_is_mean_pairwise_cosine_distanc
     assert mean_pairwise_distance(e) == pytest.approx((1 + 0 + 1) / 3)
 
 
+def test_click_pairs_put_the_most_chosen_images_against_the_least_chosen():
+    import pandas as pd
+
+    from genshop.tuning.tune import click_pairs
+
+    shown = [f"{c}.png" for c in "abcdefgh"]
+    chosen = ["a"] * 5 + ["b"] * 3 + ["c"] * 2 + ["d"] * 2 + ["e"] * 1 + ["f"] * 1  # g, h never
+    rows = pd.DataFrame({"items": [shown[n % 8:] + shown[:n % 8] for n in range(len(chosen))],  # rotated order
+                         "chosen": [f"{c}.png" for c in chosen]})
+    # the top quarter (2 of 8) against the bottom quarter, widest margin first; g and h tie at 0 (by name)
+    assert click_pairs(rows) == [(("a.png", 5 / 14), ("h.png", 0.0)), (("b.png", 3 / 14), ("g.png", 0.0))]
+    # equal shares give no pair: the clicks cannot tell those images apart
+    even = pd.DataFrame({"items": [shown[:2]] * 4, "chosen": ["a.png", "b.png"] * 2})
+    assert click_pairs(even) == []
+
+
 def test_kto_loss_is_the_papers_formula():
     """Diffusion-KTO: r = -beta/2 (e_policy - e_ref), z_ref = max(0, mean r) with no gradient,
     loss = mean w (1 - sigmoid(y (r - z_ref))) over the labelled images."""
