@@ -36,6 +36,8 @@ from genshop.cli_train import _progress_bar, stage_progress
 @click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
+@click.option("--on-brief", is_flag=True,
+              help="guard: candidates the enrich stage reads as the brief's article type rank above the others")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,
               help="guard: hold this many briefs out; keep the adapter their reward was best with (early stopping)")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,

@@ -389,6 +389,16 @@ def test_win_rate_counts_ties_half_and_diversity_is_mean_pairwise_cosine_distanc
     assert mean_pairwise_distance(e) == pytest.approx((1 + 0 + 1) / 3)
 
 
+def test_the_on_brief_guard_ranks_on_brief_candidates_first_and_by_reward_within_each():
+    from genshop.tuning.tune import ranking_order
+
+    rewards = [0.9, 0.1, 0.5, 0.7, 0.3]
+    assert ranking_order(rewards).tolist() == [0, 3, 2, 4, 1]
+    # the best reward is off brief: it goes below every on-brief candidate, and the worst off-brief one is last
+    assert ranking_order(rewards, [False, True, True, False, True]).tolist() == [2, 4, 1, 0, 3]
+    assert ranking_order(rewards, [True] * 5).tolist() == ranking_order(rewards).tolist()
+
+
 def test_click_pairs_put_the_most_chosen_images_against_the_least_chosen():
     import pandas as pd
 
@@ -530,8 +540,9 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     assert json.loads((out / "adapter" / "genshop_adapter.json").read_text())["objective"] == "kto"
 
     # sampled rankings with both guards: 3 briefs, 1 held out for validation, 2 rounds
-    briefs.write_text(json.dumps([{"title": t, "seed": i} for i, t in
-                                  enumerate(["Women's red kurta", "Men's black wallet", "Blue jeans"])]))
+    briefs.write_text(json.dumps([{"title": t, "article_type": a, "seed": i} for i, (t, a) in
+                                  enumerate([("Women's red kurta", "Kurtas"), ("Men's black wallet", "Wallets"),
+                                             ("Blue jeans", "Jeans")])]))
     guarded = tmp_path / "guarded"
     args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(reward_dir), "--out", str(guarded),
             "--objective", "kto", "--candidates", "3", "--steps", "2", "--rounds", "2", "--inference-steps", "2",
@@ -563,6 +574,27 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     for a, b, ra, rb in zip(latents_a, latents_b, ranked_a, ranked_b):  # the same candidates, in B's order
         order = [min(range(3), key=lambda j: float((a[j] - candidate).abs().max())) for candidate in b]
         assert sorted(order) == [0, 1, 2] and torch.equal(a[order], b)
+
+    # the on-brief guard: candidates the enrich stage reads as the brief's article type rank first
+    on_brief_args = ["tune", "--group", "C", "--briefs", str(briefs), "--reward", str(reward_dir), "--out",
+                     str(tmp_path / "on-brief-C"), "--rankings-from", str(guarded / "rankings-round000.safetensors"),
+                     "--on-brief", "--candidates", "3", "--steps", "1", "--inference-steps", "2", "--threads", "1"]
+    without_enrich = invoke_cli([*on_brief_args[:8], str(tmp_path / "no-enrich"), *on_brief_args[9:]], env)
+    assert without_enrich.returncode != 0 and "GENSHOP_EMBEDDING_MODEL" in (without_enrich.stdout + without_enrich.stderr)
+    result = invoke_cli(on_brief_args, {**env, "GENSHOP_EMBEDDING_MODEL": str(open_clip_dir)})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with safe_open(str(tmp_path / "on-brief-C" / "rankings-round000.safetensors"), framework="pt") as f:
+        ranked_c = json.loads(f.metadata()["rankings"])
+    for r in ranked_c:
+        flags = r["on_brief"]
+        assert len(flags) == 3 and flags == sorted(flags, reverse=True)  # on brief first
+        for flag in (True, False):  # by reward within each
+            within = [reward for reward, f in zip(r["rewards"], flags) if f == flag]
+            assert within == sorted(within, reverse=True)
+    log = [json.loads(line) for line in (tmp_path / "on-brief-C" / "log.jsonl").read_text().splitlines()]
+    share = next(r["on_brief_share"] for r in log if r.get("event") == "rankings")
+    assert share == pytest.approx(np.mean([x for r in ranked_c for x in r["on_brief"]]))
+    assert json.loads((tmp_path / "on-brief-C" / "adapter" / "genshop_adapter.json").read_text())["on_brief"] is True
 
 
 def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):

@@ -69,6 +69,9 @@ class TuneConfig(BaseModel):
                                        "sampling them again: the same prompts, candidates and seeds")
     min_margin: float = Field(default=0.0, ge=0, description="guard: sampled rankings whose best and worst rewards "
                               "differ by less are dropped (near-ties the reward cannot tell apart)")
+    on_brief: bool = Field(default=False, description="guard: sampled candidates that the enrich stage reads as the "
+                           "brief's article type rank above those it reads as another (by reward within each), so "
+                           "the preferred image never leaves the brief")
     validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
                                    "split) are not tuned on; after each round their mean reward over fixed seeds "
                                    "is measured and the adapter of the best round is the one saved")
@@ -96,6 +99,27 @@ class Ranking(BaseModel):
     prompt: str
     rewards: list[float]
     labels: list[float] | None = None  # KTO: +1 desirable, -1 undesirable per candidate; None: by position
+    on_brief: list[bool] | None = None  # the on-brief guard's reading per candidate (same order)
+
+
+def ranking_order(rewards: list[float], on_brief: list[bool] | None = None) -> np.ndarray:
+    """Candidates best first: by reward, or on-brief ones first and by reward within each."""
+    keys = -np.asarray(rewards, dtype=float)
+    if on_brief is None:
+        return np.argsort(keys, kind="stable")
+    return np.lexsort((keys, ~np.asarray(on_brief, dtype=bool)))
+
+
+def brief_reader(enricher):
+    """``read(images, article_type) -> [bool]``: the enrich stage reads each image as that article type."""
+    from genshop.enrichment import understand_images
+
+    def read(images, article_type: str | None) -> list[bool] | None:
+        if enricher is None or not article_type:
+            return None
+        return [u.article_type.label == article_type for u in understand_images(enricher, images)[1]]
+
+    return read
 
 
 def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
@@ -112,9 +136,10 @@ def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
 
 @torch.no_grad()
 def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int,
-                    max_sequence_length: int | None = None) -> tuple[list[Ranking], torch.Tensor]:
-    """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward;
-    the latents ``[briefs, k, C, H, W]`` as the family trains on them (``ranking_latents``)."""
+                    max_sequence_length: int | None = None, read_on_brief=None) -> tuple[list[Ranking], torch.Tensor]:
+    """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward
+    (``read_on_brief``: on-brief candidates first, ``ranking_order``); the latents ``[briefs, k, C, H, W]``
+    as the family trains on them (``ranking_latents``)."""
     from reward.scoring import score_images
 
     model, embedder = scorer
@@ -129,8 +154,10 @@ def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k
         sampled = family.ranking_latents(pipeline, sampled, brief.height, brief.width)
         images = family.decode_latents(pipeline, sampled)
         rewards = score_images(model, embedder, images, prompt, [group])[group].rewards
-        order = np.argsort(rewards)[::-1].copy()
-        rankings.append(Ranking(prompt=prompt, rewards=[rewards[j] for j in order]))
+        on_brief = read_on_brief(images, brief.article_type) if read_on_brief else None
+        order = ranking_order(rewards, on_brief)
+        rankings.append(Ranking(prompt=prompt, rewards=[rewards[j] for j in order],
+                                on_brief=None if on_brief is None else [on_brief[j] for j in order]))
         latents.append(sampled[torch.from_numpy(order)].float().cpu())
     return rankings, torch.stack(latents)
 
@@ -196,9 +223,10 @@ def click_pairs(rows) -> list[tuple[tuple[str, float], tuple[str, float]]]:
 
 
 @torch.no_grad()
-def rerank(family, pipeline, path: Path, group: str, scorer) -> tuple[list[Ranking], torch.Tensor]:
+def rerank(family, pipeline, path: Path, group: str, scorer, article_types: dict[str, str | None] | None = None,
+           read_on_brief=None) -> tuple[list[Ranking], torch.Tensor]:
     """Another run's round-0 candidates (sampled from the base model, so the same for every group),
-    ranked by this group's reward."""
+    ranked by this group's reward (and the on-brief guard's reading: ``article_types`` by prompt)."""
     from reward.scoring import score_images
 
     model, embedder = scorer
@@ -209,8 +237,10 @@ def rerank(family, pipeline, path: Path, group: str, scorer) -> tuple[list[Ranki
     for ranking, candidates in zip(sampled, all_latents):
         images = family.decode_latents(pipeline, candidates)
         rewards = score_images(model, embedder, images, ranking.prompt, [group])[group].rewards
-        order = np.argsort(rewards)[::-1].copy()
-        rankings.append(Ranking(prompt=ranking.prompt, rewards=[rewards[j] for j in order]))
+        on_brief = read_on_brief(images, (article_types or {}).get(ranking.prompt)) if read_on_brief else None
+        order = ranking_order(rewards, on_brief)
+        rankings.append(Ranking(prompt=ranking.prompt, rewards=[rewards[j] for j in order],
+                                on_brief=None if on_brief is None else [on_brief[j] for j in order]))
         latents.append(candidates[torch.from_numpy(order)])
     return rankings, torch.stack(latents)
 
@@ -369,6 +399,11 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         denoiser.enable_adapters()
 
     scorer = None if config.preferences else load_scorer(config.reward)
+    read_on_brief = None
+    if config.on_brief and not config.preferences:
+        from genshop.enrichment import enrich_config_from_settings, load_enricher
+
+        read_on_brief = brief_reader(load_enricher(enrich_config_from_settings(get_settings())))
     prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
     scale = vae_scale_factor(pipeline)
 
@@ -394,16 +429,19 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             if progress:
                 progress("sample", 0, len(briefs), {"round": round_index})
             if config.rankings_from is not None and round_index == 0:
-                rankings, latents = rerank(family, pipeline, config.rankings_from, config.group, scorer)
+                rankings, latents = rerank(family, pipeline, config.rankings_from, config.group, scorer,
+                                           {build_prompt(b): b.article_type for b in briefs}, read_on_brief)
             elif config.preferences:
                 rankings, latents = preference_rankings(family, pipeline, config.preferences, config.group, briefs[0].width,
                                                         briefs[0].height, config.objective)
             else:
                 rankings, latents = sample_rankings(family, pipeline, briefs, config.group, scorer, config.candidates,
-                                                    config.seed + round_index, text_length)
+                                                    config.seed + round_index, text_length, read_on_brief)
             save_file({"latents": latents.contiguous()}, str(rankings_file),
                       metadata={"rankings": json.dumps([r.model_dump() for r in rankings])})
             append_log(log, {"event": "rankings", "round": round_index, "step": step, "rankings": len(rankings),
+                             **({"on_brief_share": float(np.mean([x for r in rankings for x in r.on_brief]))}
+                                if rankings and rankings[0].on_brief is not None else {}),
                              "mean_reward_best": float(np.mean([r.rewards[0] for r in rankings])),
                              "mean_reward": float(np.mean([np.mean(r.rewards) for r in rankings]))})
         if validation:  # rankings sampled by a run without this split (shared round files) leave its briefs out
@@ -420,8 +458,9 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             rankings, latents = [rankings[i] for i in keep], latents[torch.tensor(keep)]
         if config.objective in ("dpo", "kto") and latents.shape[1] > 2:
             # only the best and the worst are trained on: the middle candidates cost network calls for nothing
-            rankings = [r.model_copy(update={"rewards": [r.rewards[0], r.rewards[-1]]}) if r.labels is None else r
-                        for r in rankings]
+            rankings = [r.model_copy(update={"rewards": [r.rewards[0], r.rewards[-1]],
+                                             "on_brief": r.on_brief and [r.on_brief[0], r.on_brief[-1]]})
+                        if r.labels is None else r for r in rankings]
             latents = latents[:, [0, latents.shape[1] - 1]]
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
         round_end = (round_index + 1) * config.steps_per_round
@@ -480,7 +519,8 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         "group": config.group, "objective": config.objective, "base_model": loaded.model_id,
         "base_revision": loaded.revision, "steps": saved_steps, "trained_steps": step, "beta": beta,
         "rank": config.rank, "family": family.name, "prediction_type": process.prediction_type,
-        "min_margin": config.min_margin, "validation_briefs": config.validation_briefs}, indent=2))
+        "min_margin": config.min_margin, "validation_briefs": config.validation_briefs, "on_brief": config.on_brief},
+        indent=2))
     brief_grid(family, pipeline, briefs, out / "samples-after.png", text_length)
     plot_tune_curves(log, out / "curves.png")
     return adapter
