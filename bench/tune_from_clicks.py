@@ -7,6 +7,11 @@
    customers of every group (the stand-in for the shop: clicks on the attributes the enrich stage
    reads, never the evaluation judge), ``genshop import ab-results`` turns the clicks into
    preference data (``$GENSHOP_HOME/preferences/ab-<experiment>.parquet``);
+   Then the signals are checked against the held-out judgement on the generated candidates
+   (``signal_agreement``): how often the enrich stage and the evaluation judge read the same
+   colour and article type, and per group the Spearman correlation of the judged utility with
+   the CTR and with the reward, and the judged-utility gap between each signal's top 4 and bottom 4
+   of a brief: what either signal can teach;
 3. per group, ``genshop tune --preferences`` trains a LoRA on it (the images of a brief ranked by
    their click-through rate: ``tune.preference_rankings``), and ``genshop tune eval`` judges it on the
    held-out briefs.
@@ -80,6 +85,58 @@ def make_clicks(args, env: dict[str, str]) -> Path:
     return preferences
 
 
+def signal_agreement(args, groups: list[str]) -> None:
+    """Step 2's check: the clicks and the reward against the held-out judgement, per group."""
+    import json as _json
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from scipy.stats import spearmanr
+
+    from genshop.evaluation.judge import JudgeModel, judge_images, to_pixels
+    from genshop.understanding.taxonomy import load_taxonomy
+    from reward.simulator import ATTRIBUTES, item_utilities, load_simulator_spec
+
+    export = args.out / args.experiment
+    listings = pd.read_parquet(export / "listings.parquet")
+    generated = listings[listings["kind"] == "generated"].reset_index(drop=True)
+    results = pd.read_parquet(args.out / f"{args.experiment}-results.parquet")
+    sums = results.groupby(["listing_id", "group_id"])[["clicks", "impressions"]].sum()
+    ctr = (sums["clicks"] / sums["impressions"]).unstack()
+    judge = JudgeModel.from_pretrained(BUNDLE / "judge")
+    images = [Image.open(export / path).convert("RGB") for path in generated["image"]]
+    judged, _ = judge_images(judge, to_pixels(images, judge.config.width, judge.config.height))
+    enriched = pd.DataFrame([_json.loads(a) for a in generated["attributes"]])
+    parents = {a.name: a.sub_category for a in load_taxonomy(REPO / "configs/understanding/taxonomy.yaml").article_types}
+    frame = pd.DataFrame({name: judged[name] for name in ("master_category", "article_type", "colour")})
+    frame["sub_category"] = [parents.get(a, "") for a in frame["article_type"]]
+    frame["usage"], frame["gender"] = enriched.get("usage", ""), enriched.get("gender", "")
+    for column in ATTRIBUTES:
+        frame[column] = frame.get(column, "")
+    spec = load_simulator_spec(REPO / "configs" / "groups.yaml")
+    utilities = item_utilities(spec, frame)
+    print(f"{len(generated)} candidates: the enrich stage and the judge read the same colour for "
+          f"{(enriched['colour'].str.lower() == frame['colour'].str.lower()).mean():.2f}, the same article type for "
+          f"{(enriched['article_type'] == frame['article_type']).mean():.2f}")
+    print("| group | Spearman(judged utility, CTR) | Spearman(judged utility, reward) | top-4 minus bottom-4 "
+          "judged utility, by CTR | by reward |\n|---|---|---|---|---|")
+    for g in groups:
+        row = list(spec.groups).index(g)
+        rho_ctr, rho_reward, gap_ctr, gap_reward = [], [], [], []
+        for _, index in generated.groupby("brief_id").groups.items():
+            index = list(index)
+            u, clicks = utilities[row, index], ctr.loc[generated["listing_id"][index], g].to_numpy()
+            reward = generated[f"score_{g}"][index].to_numpy()
+            for signal, rho, gap in ((clicks, rho_ctr, gap_ctr), (reward, rho_reward, gap_reward)):
+                if np.ptp(u) > 0 and np.ptp(signal) > 0:
+                    rho.append(spearmanr(u, signal).correlation)
+                order = np.argsort(-signal)
+                gap.append(u[order[:4]].mean() - u[order[-4:]].mean())
+        print(f"| {g} | {np.mean(rho_ctr):.3f} | {np.mean(rho_reward):.3f} | {np.mean(gap_ctr):.3f} | "
+              f"{np.mean(gap_reward):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -105,6 +162,7 @@ def main() -> None:
     env = dict(os.environ)
     preferences = make_clicks(args, env)
     print(f"preferences: {preferences}")
+    signal_agreement(args, args.groups)
     if args.phase == "clicks":
         return
     reward = str(BUNDLE / "reward")
