@@ -21,21 +21,21 @@ def test_demo_runs_the_tour_and_writes_a_contact_sheet(env, tmp_path):
     proc = run_cli(["demo", "--out", str(tmp_path / "demo")], env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     sheet = Image.open(tmp_path / "demo" / "contact-sheet.png")
-    assert sheet.width > 500 and sheet.height > 7 * 128  # 3 tour rows, then base and tuned for B and for C
+    assert sheet.width > 500 and sheet.height > 7 * 128  # 3 tour rows, then base and tuned for A and for B
     db = sqlite3.connect(tmp_path / "demo" / "genshop.db")
     assert db.execute("select status, count(*) from briefs group by status").fetchall() == [("succeeded", 6)]
     assert db.execute("select count(*) from items").fetchone()[0] == 16 + 3 * 3
     # every variant scored for every target group of its brief: kurta 8 x (A, B), wallet 4 x A, shoes 4 x B,
-    # and the tuned rows 3 x B, 3 x C, the bundle's two LoRAs (the base row is scored for the contact sheet only)
+    # and the tuned rows 3 x A, 3 x B, the bundle's first two LoRAs (the base row is scored for the contact sheet only)
     assert db.execute("select group_id, count(*) from scores group by group_id order by group_id").fetchall() == [
-        ("A", 12), ("B", 15), ("C", 3)]
+        ("A", 15), ("B", 15)]
     # the base row is the base model, each tuned row its group's LoRA from the bundle (GENSHOP_ADAPTERS unset)
-    base, b, c = [db.execute("select model_id from items i join briefs b on i.brief_id = b.id where b.id = ?",
+    base, a, b = [db.execute("select model_id from items i join briefs b on i.brief_id = b.id where b.id = ?",
                              (brief_id,)).fetchall() for (brief_id,) in db.execute(
                                  "select id from briefs order by created_at").fetchall()[3:]]
     assert {m for (m,) in base} == {"genshop/assets/genshop-mini/pipeline"}
-    assert {m for (m,) in b} == {"genshop/assets/genshop-mini/pipeline+lora:B"} and {m for (m,) in c} == {
-        "genshop/assets/genshop-mini/pipeline+lora:C"}
+    assert {m for (m,) in a} == {"genshop/assets/genshop-mini/pipeline+lora:A"} and {m for (m,) in b} == {
+        "genshop/assets/genshop-mini/pipeline+lora:B"}
     assert "contact sheet" in proc.stdout
     assert db.execute("select count(*) from understandings").fetchone()[0] == 25
     assert (tmp_path / "demo" / "index").is_dir()
