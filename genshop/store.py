@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, delete, event, func, literal, select, update)
+                        UniqueConstraint, case, create_engine, delete, event, func, literal, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -688,9 +688,10 @@ class Store:
             rows = {row.id: row for row in session.scalars(
                 select(BriefRow).where(BriefRow.id.in_(brief_ids)).order_by(BriefRow.id).with_for_update())}
             pauses = set(session.scalars(select(QueuePauseRow.scope)))
+            leased = set(session.scalars(self._lease_statement(list(rows), owner, lease_s))) if rows else set()
             taken, others, given_back = [], {}, []
             for brief_id in (b for b in brief_ids if b in rows):
-                if session.execute(self._lease_statement(brief_id, owner, lease_s)).scalar() != owner:
+                if brief_id not in leased:
                     others[brief_id] = _to_record(rows[brief_id])
                     continue
                 record = _start_row(rows[brief_id], max_attempts, pauses)
@@ -704,14 +705,19 @@ class Store:
                                                           BriefRunRow.owner == owner).values(owner=None))
         return taken, others
 
-    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]]) -> dict[str, BriefRecord]:
-        """``finish`` for several briefs (id → (status, error)), in one transaction."""
+    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]],
+                    progress: dict[str, dict[str, Any]] | None = None) -> dict[str, BriefRecord]:
+        """``finish`` for several briefs (id → (status, error)), with the last ``progress`` of those it
+        names, in one transaction."""
         finished = {}
         with self.sessions.begin() as session:
+            rows = {row.id: row for row in session.scalars(select(BriefRow).where(BriefRow.id.in_(list(outcomes))))}
             for brief_id, (status, error) in outcomes.items():
-                row = session.get(BriefRow, brief_id)
+                row = rows[brief_id]
                 if row.status not in TERMINAL_STATUSES:
                     row.status, row.error, row.finished_at = status, error, utcnow()
+                    if progress and brief_id in progress:
+                        row.progress = progress[brief_id]
                 finished[brief_id] = _to_record(row)
         return finished
 
@@ -720,22 +726,24 @@ class Store:
         """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
         or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
         racing for a brief exactly one wins. True when ``owner`` holds it now."""
-        statement = self._lease_statement(brief_id, owner, lease_s)
+        statement = self._lease_statement([brief_id], owner, lease_s)
         try:
             with self.sessions.begin() as session:
-                return session.execute(statement).scalar() == owner
+                return session.execute(statement).scalar() == brief_id
         except IntegrityError:  # the foreign key: no such brief (one statement, no read before it)
             raise UnknownBriefError(f"no brief with id {brief_id!r}") from None
 
-    def _lease_statement(self, brief_id: str, owner: str, lease_s: float):
-        """The atomic upsert that takes a free, released or lapsed lease; returns the holder."""
+    def _lease_statement(self, brief_ids: list[str], owner: str, lease_s: float):
+        """The atomic upsert that takes the free, released or lapsed leases of ``brief_ids``; returns
+        the ids of those ``owner`` holds now (a lease another delivery holds returns no row)."""
         now = utcnow()
         lapsed = now - timedelta(seconds=lease_s)
-        return (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
+        return (self._insert()(BriefRunRow).values([{"brief_id": b, "owner": owner, "heartbeat_at": now}
+                                                    for b in brief_ids])
                 .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
                                        where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
                                        | (BriefRunRow.heartbeat_at < lapsed))
-                .returning(BriefRunRow.owner))
+                .returning(BriefRunRow.brief_id))
 
     def renew_lease(self, brief_id: str, owner: str) -> bool:
         """The holder's heartbeat. False when ``owner`` no longer holds the lease."""
@@ -747,10 +755,17 @@ class Store:
     def release_lease(self, brief_id: str, owner: str) -> bool:
         """Give the lease up (the run ended, or its process died and the worker's main
         process says so): the next delivery may take the brief at once."""
+        return bool(self.release_leases([brief_id], owner))
+
+    def release_leases(self, brief_ids: list[str], owner: str, followups_queued: list[str] = ()) -> list[str]:
+        """``release_lease`` for several briefs in one write, which also records the follow-ups
+        queued for ``followups_queued`` (``mark_followups_queued``); returns the briefs released."""
+        now = utcnow()
         with self.sessions.begin() as session:
-            result = session.execute(update(BriefRunRow).where(
-                BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(owner=None))
-            return result.rowcount == 1
+            return list(session.scalars(update(BriefRunRow).where(
+                BriefRunRow.brief_id.in_(brief_ids), BriefRunRow.owner == owner).values(
+                owner=None, followups_at=case((BriefRunRow.brief_id.in_(list(followups_queued)), now),
+                                              else_=BriefRunRow.followups_at)).returning(BriefRunRow.brief_id)))
 
     def release_leases_of(self, owner: str) -> list[str]:
         """Give up every lease ``owner`` holds (its process died while running several briefs

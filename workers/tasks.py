@@ -195,23 +195,34 @@ def _start_requeue_sweeper(**_kwargs) -> None:
     threading.Thread(target=sweep_forever, name="genshop-requeue", daemon=True).start()
 
 
+def send_followups(records: list[BriefRecord]) -> dict[str, dict]:
+    """Queue enrich (when an embedding model is configured) and score (a brief with target
+    groups, when a reward model is) for each succeeded brief of ``records``. Returns brief id →
+    the follow-up task ids sent for it; the caller records them as queued."""
+    settings = get_settings()
+    sent: dict[str, dict] = {}
+    for record in (r for r in records if r.status == "succeeded"):
+        tasks = {}
+        if settings.embedding_model:
+            tasks["enrich_task_id"] = enqueue_enrichment(record.id)
+        if record.brief.groups and settings.reward_model:
+            tasks["score_task_id"] = enqueue_scoring(record.id)
+        if tasks:
+            sent[record.id] = tasks
+    return sent
+
+
 def queue_followups(store: Store, records: list[BriefRecord]) -> dict[str, dict]:
-    """Queue enrich and score for the succeeded briefs among ``records``, once each (one read, one
-    write for all of them): a redelivered message of a brief finished before finds them recorded
-    as queued and queues nothing. Returns brief id → the follow-up task ids sent for it."""
+    """``send_followups`` for succeeded briefs this delivery did not finish (a redelivered message,
+    a companion whose leader died), once each: those recorded as queued before get nothing
+    again (one read, one write for all of them)."""
     settings = get_settings()
     wanted = [r for r in records if r.status == "succeeded"
               and (settings.embedding_model or (r.brief.groups and settings.reward_model))]
     if not wanted:
         return {}
     queued = store.followups_queued_among([r.id for r in wanted])
-    sent: dict[str, dict] = {}
-    for record in (r for r in wanted if r.id not in queued):
-        sent[record.id] = {}
-        if settings.embedding_model:
-            sent[record.id]["enrich_task_id"] = enqueue_enrichment(record.id)
-        if record.brief.groups and settings.reward_model:
-            sent[record.id]["score_task_id"] = enqueue_scoring(record.id)
+    sent = send_followups([r for r in wanted if r.id not in queued])
     store.mark_followups_queued(list(sent))
     return sent
 
@@ -246,6 +257,12 @@ def generate_brief(self, brief_id: str) -> dict:
         except Exception:  # noqa: BLE001
             pass
 
+    followups: dict[str, dict] = {}  # brief id → the follow-up task ids sent for it
+
+    def send(records: list[BriefRecord]) -> list[str]:  # for the briefs this delivery finished
+        followups.update(send_followups(records))
+        return list(followups)
+
     settings = get_settings()
     store = worker_store()
     owner = lease_owner(self.request.hostname, os.getpid())
@@ -253,13 +270,13 @@ def generate_brief(self, brief_id: str) -> dict:
         records = {brief_id: done}  # its leader finished it: one read, no lease
     elif companions:  # the worker's main process settles their messages from the results stored here
         records = run_briefs(store, [brief_id, *companions], worker_pipeline(), settings.max_attempts, on_progress,
-                             owner=owner, lease_s=settings.lease_timeout)
+                             owner=owner, lease_s=settings.lease_timeout, followups=send)
         records.setdefault(brief_id, store.get_brief(brief_id))
     else:
         records = {brief_id: run_brief(store, brief_id, worker_pipeline(), settings.max_attempts,
                                        lambda progress: on_progress(brief_id, progress), owner=owner,
-                                       lease_s=settings.lease_timeout)}
-    followups = queue_followups(store, list(records.values()))
+                                       lease_s=settings.lease_timeout, followups=send)}
+    followups.update(queue_followups(store, [r for r in records.values() if r.id not in followups]))
     for companion, task_id in companions.items():
         if companion in records:
             settle_companion(self.backend, task_id, records[companion], followups.get(companion, {}))
