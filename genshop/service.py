@@ -36,6 +36,9 @@ class Progress(BaseModel):
 
 ProgressCallback = Callable[[Progress], None]
 BriefProgressCallback = Callable[[str, Progress], None]  # (brief id, its progress): several briefs in one run
+# given the briefs a delivery has just finished as succeeded (so none had follow-ups queued yet), queue
+# their follow-up tasks; returns the ids of the briefs it queued them for (recorded with the lease's release)
+FollowupsCallback = Callable[[list[BriefRecord]], list[str]]
 
 
 class BriefWithItems(BaseModel):
@@ -217,6 +220,7 @@ def run_brief(
     progress_interval_s: float = 0.25,
     owner: str | None = None,
     lease_s: float = 60.0,
+    followups: FollowupsCallback | None = None,
 ) -> BriefRecord:
     """Generate every variant the brief still lacks, then mark it finished.
 
@@ -233,20 +237,28 @@ def run_brief(
     Idempotent per brief and variant: variants already stored are skipped and inserts
     of existing (brief, variant) pairs are ignored, so a redelivered task completes the
     brief without duplicates. Cancellation is checked at every denoising step.
+
+    ``followups`` is called with the brief when this delivery finished it as succeeded, before
+    the lease is given back; the release records the follow-ups it queued in the same write
+    (a delivery that dies first leaves them unrecorded: the brief's redelivery queues them).
     """
     owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not store.acquire_lease(brief_id, owner, lease_s):
         return store.get_brief(brief_id)
+    queued: list[str] = []
     try:
         record = store.start_attempt(brief_id, max_attempts)
         if record.status != "running":
             return record
         with _Heartbeat(store, [brief_id], owner, max(0.5, lease_s / 4)) as heartbeat:
-            return _generate_missing(store, record, loaded, on_progress, progress_interval_s,
-                                     lambda: brief_id in heartbeat.lost)
+            record = _generate_missing(store, record, loaded, on_progress, progress_interval_s,
+                                       lambda: brief_id in heartbeat.lost)
+        if followups and record.status == "succeeded" and brief_id not in heartbeat.lost:
+            queued = followups([record])
+        return record
     finally:
         try:
-            store.release_lease(brief_id, owner)
+            store.release_leases([brief_id], owner, followups_queued=queued)
         except Exception:  # noqa: BLE001 - the lease lapses by itself; the run's own outcome is what counts
             pass
 
@@ -309,6 +321,7 @@ def run_briefs(
     progress_interval_s: float = 0.25,
     owner: str | None = None,
     lease_s: float = 60.0,
+    followups: FollowupsCallback | None = None,
 ) -> dict[str, BriefRecord]:
     """``run_brief`` for several briefs in one delivery, their variants denoised together.
 
@@ -323,18 +336,23 @@ def run_briefs(
     and to ``on_progress``; a cancel stops the brief at the next denoising step (it is
     finished as cancelled then, its images of that call are dropped, and the call goes on for
     the others, or stops when no brief in it is left); an error fails the briefs of the call
-    that raised it. Returns every brief's record that this delivery saw, by id."""
+    that raised it. ``followups`` is called, as in ``run_brief``, with the briefs this delivery
+    finished as succeeded, all at once. Returns every brief's record that this delivery saw, by id."""
     owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     taken, records = store.start_runs(list(dict.fromkeys(brief_ids)), owner, lease_s, max_attempts)
+    queued: list[str] = []
     try:
         if taken:
             with _Heartbeat(store, [r.id for r in taken], owner, max(0.5, lease_s / 4)) as heartbeat:
-                records.update(_generate_together(store, taken, loaded, on_progress, progress_interval_s,
-                                                  heartbeat.lost))
+                finished = _generate_together(store, taken, loaded, on_progress, progress_interval_s, heartbeat.lost)
+            records.update(finished)
+            succeeded = [r for b, r in finished.items() if r.status == "succeeded" and b not in heartbeat.lost]
+            if followups and succeeded:
+                queued = followups(succeeded)
     finally:
         if taken:
-            try:  # every lease this run holds, in one write (an owner runs one group at a time)
-                store.release_leases_of(owner)
+            try:  # every lease this run holds, in one write
+                store.release_leases([r.id for r in taken], owner, followups_queued=queued)
             except Exception:  # noqa: BLE001 - the leases lapse by themselves
                 pass
     return records
@@ -365,21 +383,25 @@ def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedP
     failed: dict[str, str] = {}
     last_write = time.monotonic()
 
+    def progress_of(in_call: list[str], step: int, steps: int) -> dict[str, Progress]:
+        return {b: Progress(variants_done=len(done[b]), variants_total=briefs[b].variants, step=step, steps=steps,
+                            batch=batch_of[b], batches=batches[b]) for b in in_call if b not in stopped}
+
     def report(in_call: list[str], step: int, steps: int, force: bool = False) -> None:
         nonlocal last_write
         now = time.monotonic()
         if not (force or now - last_write >= progress_interval_s):
             return
         last_write = now
-        progress = {b: Progress(variants_done=len(done[b]), variants_total=briefs[b].variants, step=step, steps=steps,
-                                batch=batch_of[b], batches=batches[b]) for b in in_call if b not in stopped}
+        progress = progress_of(in_call, step, steps)
         store.update_progress_many({b: p.model_dump() for b, p in progress.items()})
         if on_progress:  # not after a brief's last call: its result follows at once
             for b, p in progress.items():
                 if not (force and p.batch == p.batches):
                     on_progress(b, p)
 
-    for key, units in chunks:
+    final: dict[str, dict] = {}  # the progress of the last call's briefs: stored with their finish, in its transaction
+    for index, (key, units) in enumerate(chunks):
         units = [(b, v) for b, v in units if b not in stopped and b not in failed]
         if not units:
             continue
@@ -412,12 +434,15 @@ def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedP
                 done[b].add(variant)
         except Exception as exc:  # noqa: BLE001 - a disk full, say: the call's briefs fail, its PNGs removed
             failed.update(dict.fromkeys(in_call, f"{type(exc).__name__}: {exc}"))
-        report(in_call, key[1], key[1], force=True)
+        if index < len(chunks) - 1:
+            report(in_call, key[1], key[1], force=True)
+        else:  # no RUNNING note just before the results
+            final = {b: p.model_dump() for b, p in progress_of(in_call, key[1], key[1]).items()}
 
     for b in (b for b in done if b in lost and b not in outcome):
         outcome[b] = store.get_brief(b)
     outcome.update(store.finish_runs({b: ("failed", failed[b]) if b in failed else ("succeeded", None)
-                                      for b in done if b not in outcome}))
+                                      for b in done if b not in outcome}, final))
     return outcome
 
 

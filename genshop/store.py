@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
-                        UniqueConstraint, create_engine, delete, event, func, literal, select, update)
+                        UniqueConstraint, case, create_engine, delete, event, func, literal, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -397,6 +397,28 @@ def _pause_covers(designer):
         (QueuePauseRow.scope == ALL_SCOPE) | (QueuePauseRow.scope == literal("designer:").concat(designer))).exists()
 
 
+def _start_row(row: BriefRow, max_attempts: int, pauses: set[str]) -> BriefRecord:
+    """``start_attempt`` on a brief row read for update, the pauses in force (``QueuePauseRow.scope``) read
+    in the same transaction: running, or as it is (finished, paused), paused, cancelled or failed."""
+    if row.status in TERMINAL_STATUSES or row.status == "paused":
+        return _to_record(row)
+    if row.status == "queued" and not row.cancel_requested and (
+            ALL_SCOPE in pauses or (row.designer is not None and f"designer:{row.designer}" in pauses)):
+        row.status = "paused"  # a message the pause could not withdraw: resuming sends a new one
+        return _to_record(row)
+    if row.cancel_requested:
+        row.status, row.finished_at = "cancelled", utcnow()
+        return _to_record(row)
+    row.attempts += 1
+    if row.attempts > max_attempts:
+        row.status, row.finished_at = "failed", utcnow()
+        row.error = f"abandoned after {max_attempts} deliveries whose workers died"
+    else:
+        row.status, row.error = "running", None
+        row.started_at = row.started_at or utcnow()
+    return _to_record(row)
+
+
 def _to_record(row: BriefRow) -> BriefRecord:
     return BriefRecord(
         id=row.id, client_reference=row.client_reference, title=row.title, brief=Brief.model_validate(row.spec),
@@ -654,55 +676,48 @@ class Store:
             row = session.get(BriefRow, brief_id, with_for_update=True)
             if row is None:
                 raise UnknownBriefError(f"no brief with id {brief_id!r}")
-            if row.status in TERMINAL_STATUSES or row.status == "paused":
-                return _to_record(row)
-            if row.status == "queued" and not row.cancel_requested and session.scalar(
-                    select(_pause_covers(BriefRow.designer)).where(BriefRow.id == brief_id)):
-                row.status = "paused"  # a message the pause could not withdraw: resuming sends a new one
-                return _to_record(row)
-            if row.cancel_requested:
-                row.status, row.finished_at = "cancelled", utcnow()
-                return _to_record(row)
-            row.attempts += 1
-            if row.attempts > max_attempts:
-                row.status, row.finished_at = "failed", utcnow()
-                row.error = f"abandoned after {max_attempts} deliveries whose workers died"
-            else:
-                row.status, row.error = "running", None
-                row.started_at = row.started_at or utcnow()
-            return _to_record(row)
+            return _start_row(row, max_attempts, set(session.scalars(select(QueuePauseRow.scope))))
 
     def start_runs(self, brief_ids: list[str], owner: str, lease_s: float,
                    max_attempts: int) -> tuple[list[BriefRecord], dict[str, BriefRecord]]:
-        """``acquire_lease`` (all in one transaction) then ``start_attempt`` for several briefs: returns
+        """``acquire_lease`` then ``start_attempt`` for several briefs, all in one transaction: returns
         (the briefs ``owner`` now runs, the others as they are: held by another delivery, finished
         or cancelled, their lease given back). Unknown briefs are left out of both."""
         with self.sessions.begin() as session:
-            known = set(session.scalars(select(BriefRow.id).where(BriefRow.id.in_(brief_ids))))
-            held = [b for b in brief_ids if b in known
-                    and session.execute(self._lease_statement(b, owner, lease_s)).scalar() == owner]
-        others = self.get_briefs([b for b in brief_ids if b in known and b not in held])
-        taken = []
-        for brief_id in held:
-            record = self.start_attempt(brief_id, max_attempts)
-            if record.status == "running":
-                taken.append(record)
-            else:
-                others[brief_id] = record
-        if len(taken) < len(held):
-            with self.sessions.begin() as session:
-                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(
-                    [b for b in held if b in others]), BriefRunRow.owner == owner).values(owner=None))
+            self._lock_pauses(session, exclusive=False)
+            rows = {row.id: row for row in session.scalars(
+                select(BriefRow).where(BriefRow.id.in_(brief_ids)).order_by(BriefRow.id).with_for_update())}
+            pauses = set(session.scalars(select(QueuePauseRow.scope)))
+            leased = set(session.scalars(self._lease_statement(list(rows), owner, lease_s))) if rows else set()
+            taken, others, given_back = [], {}, []
+            for brief_id in (b for b in brief_ids if b in rows):
+                if brief_id not in leased:
+                    others[brief_id] = _to_record(rows[brief_id])
+                    continue
+                record = _start_row(rows[brief_id], max_attempts, pauses)
+                if record.status == "running":
+                    taken.append(record)
+                else:
+                    others[brief_id] = record
+                    given_back.append(brief_id)
+            if given_back:
+                session.execute(update(BriefRunRow).where(BriefRunRow.brief_id.in_(given_back),
+                                                          BriefRunRow.owner == owner).values(owner=None))
         return taken, others
 
-    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]]) -> dict[str, BriefRecord]:
-        """``finish`` for several briefs (id → (status, error)), in one transaction."""
+    def finish_runs(self, outcomes: dict[str, tuple[BriefStatus, str | None]],
+                    progress: dict[str, dict[str, Any]] | None = None) -> dict[str, BriefRecord]:
+        """``finish`` for several briefs (id → (status, error)), with the last ``progress`` of those it
+        names, in one transaction."""
         finished = {}
         with self.sessions.begin() as session:
+            rows = {row.id: row for row in session.scalars(select(BriefRow).where(BriefRow.id.in_(list(outcomes))))}
             for brief_id, (status, error) in outcomes.items():
-                row = session.get(BriefRow, brief_id)
+                row = rows[brief_id]
                 if row.status not in TERMINAL_STATUSES:
                     row.status, row.error, row.finished_at = status, error, utcnow()
+                    if progress and brief_id in progress:
+                        row.progress = progress[brief_id]
                 finished[brief_id] = _to_record(row)
         return finished
 
@@ -711,22 +726,24 @@ class Store:
         """Take the brief's lease for ``owner`` if nobody holds it, its holder released it,
         or its heartbeat is older than ``lease_s``; one atomic upsert, so of two deliveries
         racing for a brief exactly one wins. True when ``owner`` holds it now."""
-        statement = self._lease_statement(brief_id, owner, lease_s)
+        statement = self._lease_statement([brief_id], owner, lease_s)
         try:
             with self.sessions.begin() as session:
-                return session.execute(statement).scalar() == owner
+                return session.execute(statement).scalar() == brief_id
         except IntegrityError:  # the foreign key: no such brief (one statement, no read before it)
             raise UnknownBriefError(f"no brief with id {brief_id!r}") from None
 
-    def _lease_statement(self, brief_id: str, owner: str, lease_s: float):
-        """The atomic upsert that takes a free, released or lapsed lease; returns the holder."""
+    def _lease_statement(self, brief_ids: list[str], owner: str, lease_s: float):
+        """The atomic upsert that takes the free, released or lapsed leases of ``brief_ids``; returns
+        the ids of those ``owner`` holds now (a lease another delivery holds returns no row)."""
         now = utcnow()
         lapsed = now - timedelta(seconds=lease_s)
-        return (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=owner, heartbeat_at=now)
+        return (self._insert()(BriefRunRow).values([{"brief_id": b, "owner": owner, "heartbeat_at": now}
+                                                    for b in brief_ids])
                 .on_conflict_do_update(index_elements=["brief_id"], set_={"owner": owner, "heartbeat_at": now},
                                        where=(BriefRunRow.owner.is_(None)) | (BriefRunRow.owner == owner)
                                        | (BriefRunRow.heartbeat_at < lapsed))
-                .returning(BriefRunRow.owner))
+                .returning(BriefRunRow.brief_id))
 
     def renew_lease(self, brief_id: str, owner: str) -> bool:
         """The holder's heartbeat. False when ``owner`` no longer holds the lease."""
@@ -738,10 +755,17 @@ class Store:
     def release_lease(self, brief_id: str, owner: str) -> bool:
         """Give the lease up (the run ended, or its process died and the worker's main
         process says so): the next delivery may take the brief at once."""
+        return bool(self.release_leases([brief_id], owner))
+
+    def release_leases(self, brief_ids: list[str], owner: str, followups_queued: list[str] = ()) -> list[str]:
+        """``release_lease`` for several briefs in one write, which also records the follow-ups
+        queued for ``followups_queued`` (``mark_followups_queued``); returns the briefs released."""
+        now = utcnow()
         with self.sessions.begin() as session:
-            result = session.execute(update(BriefRunRow).where(
-                BriefRunRow.brief_id == brief_id, BriefRunRow.owner == owner).values(owner=None))
-            return result.rowcount == 1
+            return list(session.scalars(update(BriefRunRow).where(
+                BriefRunRow.brief_id.in_(brief_ids), BriefRunRow.owner == owner).values(
+                owner=None, followups_at=case((BriefRunRow.brief_id.in_(list(followups_queued)), now),
+                                              else_=BriefRunRow.followups_at)).returning(BriefRunRow.brief_id)))
 
     def release_leases_of(self, owner: str) -> list[str]:
         """Give up every lease ``owner`` holds (its process died while running several briefs
@@ -757,15 +781,19 @@ class Store:
         with self.sessions() as session:
             return session.scalar(select(BriefRunRow.owner).where(BriefRunRow.brief_id == brief_id))
 
-    def followups_queued(self, brief_id: str) -> bool:
+    def followups_queued_among(self, brief_ids: list[str]) -> set[str]:
+        """The briefs among ``brief_ids`` whose score and enrich tasks were sent (one query)."""
         with self.sessions() as session:
-            return session.scalar(select(BriefRunRow.followups_at).where(BriefRunRow.brief_id == brief_id)) is not None
+            return set(session.scalars(select(BriefRunRow.brief_id).where(
+                BriefRunRow.brief_id.in_(brief_ids), BriefRunRow.followups_at.is_not(None))))
 
-    def mark_followups_queued(self, brief_id: str) -> None:
-        """Record that the finished brief's score and enrich tasks were sent."""
+    def mark_followups_queued(self, brief_ids: list[str]) -> None:
+        """Record that the finished briefs' score and enrich tasks were sent (one transaction)."""
+        if not brief_ids:
+            return
         now = utcnow()
-        statement = (self._insert()(BriefRunRow).values(brief_id=brief_id, owner=None, heartbeat_at=now,
-                                                        followups_at=now)
+        statement = (self._insert()(BriefRunRow).values([{"brief_id": b, "owner": None, "heartbeat_at": now,
+                                                          "followups_at": now} for b in brief_ids])
                      .on_conflict_do_update(index_elements=["brief_id"], set_={"followups_at": now}))
         with self.sessions.begin() as session:
             session.execute(statement)

@@ -19,9 +19,13 @@ request goes to the pool:
 - a group goes to the pool as its first request (the leader) with the others' first
   arguments (brief ids) in the leader's request as ``companions``: the leader's task does the
   work of all of them together (one pipeline call, one CLIP forward);
-- the others are held until the leader's message is acknowledged or rejected, then handed
-  to the pool one by one as usual: each finds its brief done and returns at once (or, if the
-  leader's process died, runs it itself), so its own result, ack and log line stay its own.
+- the others are held until the leader's message is acknowledged or rejected. A task with
+  ``settles_companions`` stores each companion's result itself (the leader's process wrote its
+  brief's state): the main process reads those results back (one ``MGET``) and acknowledges,
+  marks ready and logs each companion whose result is there, with no pool job. Every other
+  companion (its result not stored: the leader's process died, or another delivery runs its
+  brief) goes to the pool as usual and finds its brief done, or runs it itself; each message
+  keeps its own result, ack and log line.
 
 The worker prefetches enough messages to fill a group while one runs (``workers.app``): a
 message still in Redis when a higher one is waiting there is fetched as the running group's
@@ -36,10 +40,17 @@ import bisect
 import itertools
 import time
 
+from celery import states
+from celery.app.trace import LOG_SUCCESS
+from celery.utils.log import get_logger
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 from celery.worker.strategy import default
 
+logger = get_logger("celery.app.trace")  # the logger of the pool's own "Task ...[id] succeeded" lines
+
 COMPANIONS = "companions"  # the leader's request field: the first argument of every other request of its group
+COMPANION_IDS = "companion_ids"  # the leader's request field: their task ids, in the same order
 LEADER = "gathered_by"  # a companion's request field: the task id of the leader that did its work
 
 
@@ -53,8 +64,8 @@ def priority_of(request: Request) -> int:
 class Gatherer:
     """The groups of one task in one worker's main process (runs on its event loop: no locks)."""
 
-    def __init__(self, handle, timer, processes: int, window_s: float, max_size: int):
-        self.handle, self.timer, self.processes = handle, timer, max(1, processes)
+    def __init__(self, handle, timer, processes: int, window_s: float, max_size: int, settle=None):
+        self.handle, self.timer, self.processes, self.settle = handle, timer, max(1, processes), settle
         self.window_s, self.max_size = window_s, max_size
         self.waiting: list[tuple[int, int, float, Request]] = []  # (priority, arrival number, arrived at, request)
         self._arrivals = itertools.count()
@@ -80,6 +91,7 @@ class Gatherer:
         leader, companions = group[0], group[1:]
         if companions:
             leader._request_dict[COMPANIONS] = [request.args[0] for request in companions]
+            leader._request_dict[COMPANION_IDS] = [request.id for request in companions]
             for companion in companions:
                 companion._request_dict[LEADER] = leader.id
             self.held[leader.id] = companions
@@ -91,8 +103,11 @@ class Gatherer:
         if request.id not in self.leaders:
             return
         self.leaders.discard(request.id)
-        for companion in self.held.pop(request.id, []):
-            self.handle(companion)
+        companions = self.held.pop(request.id, [])
+        settled = self.settle(companions) if companions and self.settle else set()
+        for companion in companions:
+            if companion.id not in settled:
+                self.handle(companion)
         self.flush()
 
     def _wake_in(self, seconds: float) -> None:
@@ -123,9 +138,33 @@ def gathering(task, app, consumer, **kwargs):
     if settings.gather_max <= 1:
         return default(task, app, consumer, **kwargs)
     gatherer = Gatherer(consumer.on_task_request, consumer.timer, getattr(consumer.pool, "limit", 1) or 1,
-                        settings.gather_window_ms / 1000, settings.gather_max)
+                        settings.gather_window_ms / 1000, settings.gather_max,
+                        (lambda requests: settle_stored(task, requests)) if getattr(task, "settles_companions", False)
+                        else None)
     task.gatherer = gatherer
     return default(task, app, _HandledBy(consumer, gatherer.receive), **kwargs)
+
+
+def settle_stored(task, requests: list[Request]) -> set[str]:
+    """In the main process: the requests whose result their leader stored (read back in one
+    ``MGET`` from the Redis result backend), each marked ready, logged as the pool logs it and
+    acknowledged; returns their task ids."""
+    backend = task.backend
+    stored = backend.client.mget([backend.get_key_for_task(request.id) for request in requests])
+    settled = set()
+    for request, raw in zip(requests, stored):
+        meta = backend.decode_result(raw) if raw is not None else {}
+        if meta.get("status") not in states.READY_STATES:
+            continue
+        task_ready(request, successful=meta["status"] == states.SUCCESS)
+        if meta["status"] == states.SUCCESS:
+            logger.info(LOG_SUCCESS, {"id": request.id, "name": request.name, "runtime": 0.0,
+                                      "return_value": meta.get("result")})
+        elif meta["status"] == states.FAILURE:
+            logger.error("Task %s[%s] raised unexpected: %r", request.name, request.id, meta.get("result"))
+        request.acknowledge()
+        settled.add(request.id)
+    return settled
 
 
 class GatheredRequest(Request):
@@ -152,6 +191,11 @@ class GatheredRequest(Request):
 def companions_of(task_request) -> list[str]:
     """In the task: the first arguments of the requests whose work this one does too."""
     return list(getattr(task_request, COMPANIONS, None) or [])
+
+
+def companion_task_ids(task_request) -> list[str]:
+    """In the task: the task ids of those requests, in the order of ``companions_of``."""
+    return list(getattr(task_request, COMPANION_IDS, None) or [])
 
 
 def gathered(task_request) -> bool:

@@ -31,8 +31,8 @@ from genshop.service import Progress, requeue_stale, run_brief, run_briefs
 from genshop.settings import get_settings
 from genshop.store import BriefRecord, Store, open_store
 from workers.app import (ENRICH_TASK, GENERATE_TASK, SCORE_TASK, app, enqueue_enrichment, enqueue_generation,
-                         enqueue_scoring, generation_messages, generation_task_id)
-from workers.batching import GatheredRequest, companions_of, gathered
+                         enqueue_scoring, generation_messages)
+from workers.batching import GatheredRequest, companion_task_ids, companions_of, gathered
 
 logger = get_logger("genshop.workers")
 
@@ -195,58 +195,102 @@ def _start_requeue_sweeper(**_kwargs) -> None:
     threading.Thread(target=sweep_forever, name="genshop-requeue", daemon=True).start()
 
 
-def queue_followups(store: Store, record: BriefRecord) -> dict:
-    """Queue enrich and score for a succeeded brief, once: a redelivered message of a brief
-    finished before finds them recorded as queued and queues nothing."""
+def send_followups(records: list[BriefRecord]) -> dict[str, dict]:
+    """Queue enrich (when an embedding model is configured) and score (a brief with target
+    groups, when a reward model is) for each succeeded brief of ``records``. Returns brief id →
+    the follow-up task ids sent for it; the caller records them as queued."""
     settings = get_settings()
-    wanted = bool(settings.embedding_model) or bool(record.brief.groups and settings.reward_model)
-    if not wanted or store.followups_queued(record.id):
-        return {}
-    sent = {}
-    if settings.embedding_model:
-        sent["enrich_task_id"] = enqueue_enrichment(record.id)
-    if record.brief.groups and settings.reward_model:
-        sent["score_task_id"] = enqueue_scoring(record.id)
-    store.mark_followups_queued(record.id)
+    sent: dict[str, dict] = {}
+    for record in (r for r in records if r.status == "succeeded"):
+        tasks = {}
+        if settings.embedding_model:
+            tasks["enrich_task_id"] = enqueue_enrichment(record.id)
+        if record.brief.groups and settings.reward_model:
+            tasks["score_task_id"] = enqueue_scoring(record.id)
+        if tasks:
+            sent[record.id] = tasks
     return sent
 
 
-@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest, Strategy="workers.batching:gathering")
+def queue_followups(store: Store, records: list[BriefRecord]) -> dict[str, dict]:
+    """``send_followups`` for succeeded briefs this delivery did not finish (a redelivered message,
+    a companion whose leader died), once each: those recorded as queued before get nothing
+    again (one read, one write for all of them)."""
+    settings = get_settings()
+    wanted = [r for r in records if r.status == "succeeded"
+              and (settings.embedding_model or (r.brief.groups and settings.reward_model))]
+    if not wanted:
+        return {}
+    queued = store.followups_queued_among([r.id for r in wanted])
+    sent = send_followups([r for r in wanted if r.id not in queued])
+    store.mark_followups_queued(list(sent))
+    return sent
+
+
+def generation_result(record: BriefRecord, followups: dict) -> dict:
+    return {"brief_id": record.id, "status": record.status, "worker_pid": os.getpid(),
+            "pipeline_loads": pipeline_loads, **followups}
+
+
+def settle_companion(backend, task_id: str, record: BriefRecord, followups: dict) -> None:
+    """Store the result a companion's own pool job would have stored for its finished brief, so
+    the worker's main process acknowledges its message without one (``workers.batching``). A
+    brief not finished (another delivery runs it, a pause covers it) is left to that job."""
+    if record.status == "succeeded":
+        backend.mark_as_done(task_id, generation_result(record, followups))
+    elif record.status == "cancelled":
+        backend.mark_as_revoked(task_id, reason="cancelled by request")
+    elif record.status == "failed":
+        backend.mark_as_failure(task_id, RuntimeError(record.error))
+
+
+@app.task(bind=True, name=GENERATE_TASK, Request=GenerationRequest, Strategy="workers.batching:gathering",
+          settles_companions=True)
 def generate_brief(self, brief_id: str) -> dict:
+    companions = dict(zip(companions_of(self.request), companion_task_ids(self.request)))  # brief id → task id
+
     def on_progress(progress_of: str, progress: Progress) -> None:
         try:  # best effort: the store holds the same progress, and a broker blip must not fail the brief
-            task_id = self.request.id if progress_of == brief_id else generation_task_id(progress_of)
+            task_id = self.request.id if progress_of == brief_id else companions[progress_of]
             self.update_state(task_id=task_id, state="RUNNING",
                               meta={"brief_id": progress_of, **progress.model_dump()})
         except Exception:  # noqa: BLE001
             pass
 
+    followups: dict[str, dict] = {}  # brief id → the follow-up task ids sent for it
+
+    def send(records: list[BriefRecord]) -> list[str]:  # for the briefs this delivery finished
+        followups.update(send_followups(records))
+        return list(followups)
+
     settings = get_settings()
     store = worker_store()
     owner = lease_owner(self.request.hostname, os.getpid())
     if gathered(self.request) and (done := store.get_brief(brief_id)).is_terminal:
-        record = done  # its leader finished it: one read, no lease
-    elif companions := companions_of(self.request):  # their messages follow; each then finds its brief done
+        records = {brief_id: done}  # its leader finished it: one read, no lease
+    elif companions:  # the worker's main process settles their messages from the results stored here
         records = run_briefs(store, [brief_id, *companions], worker_pipeline(), settings.max_attempts, on_progress,
-                             owner=owner, lease_s=settings.lease_timeout)
-        record = records.get(brief_id) or store.get_brief(brief_id)
+                             owner=owner, lease_s=settings.lease_timeout, followups=send)
+        records.setdefault(brief_id, store.get_brief(brief_id))
     else:
-        record = run_brief(store, brief_id, worker_pipeline(), settings.max_attempts,
-                           lambda progress: on_progress(brief_id, progress), owner=owner,
-                           lease_s=settings.lease_timeout)
+        records = {brief_id: run_brief(store, brief_id, worker_pipeline(), settings.max_attempts,
+                                       lambda progress: on_progress(brief_id, progress), owner=owner,
+                                       lease_s=settings.lease_timeout, followups=send)}
+    followups.update(queue_followups(store, [r for r in records.values() if r.id not in followups]))
+    for companion, task_id in companions.items():
+        if companion in records:
+            settle_companion(self.backend, task_id, records[companion], followups.get(companion, {}))
+    record = records[brief_id]
     if record.status == "running":  # a duplicate message: another delivery holds the lease and runs the brief
         raise Ignore()  # acknowledged, and the running delivery's task state is left to it
     if record.status == "paused":  # a pause covers it: resuming the queue sends it a new message
         raise Ignore()
-    result = {"brief_id": brief_id, "status": record.status, "worker_pid": os.getpid(), "pipeline_loads": pipeline_loads}
-    if record.status == "succeeded":
-        result.update(queue_followups(store, record))
     if record.status == "cancelled":
         self.backend.mark_as_revoked(self.request.id, reason="cancelled by request", request=self.request)
         raise Ignore()
     if record.status == "failed":
         raise RuntimeError(record.error)
-    return result
+    return generation_result(record, followups.get(brief_id, {}))
 
 
 def together_or_alone(run, brief_id: str, companions: list[str]):
