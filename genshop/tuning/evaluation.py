@@ -119,7 +119,8 @@ def win_rate(tuned: np.ndarray, base: np.ndarray) -> float:
 
 def mean_pairwise_distance(embeddings: np.ndarray) -> float:
     pairs = list(itertools.combinations(range(len(embeddings)), 2))
-    return float(np.mean([1.0 - float(embeddings[i] @ embeddings[j]) for i, j in pairs]))
+    # a distance is never negative: rounding makes 1 - cos of near-identical unit vectors -1e-7 or so
+    return float(np.mean([max(0.0, 1.0 - float(embeddings[i] @ embeddings[j])) for i, j in pairs]))
 
 
 def best_of_n_weights(keys: np.ndarray, n: int) -> np.ndarray:
