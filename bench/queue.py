@@ -5,7 +5,10 @@
    time, with the prefork pool (the default: a killable child enforces the hard time limit)
    and the solo pool (no pipe hop to a child). Direct and queued calls alternate, so drift in
    the machine's speed hits both; overhead = each queued round trip minus the direct call
-   made just before it. Target p50 <= 3 ms.
+   made just before it. The direct call does the task's whole work, the follow-up it queues
+   (enrich) included, so the difference is what the queue adds. Beside them, Celery and Redis
+   alone: a round trip of Celery's built-in ``celery.accumulate`` (no code of ours) through
+   the same worker. Target p50 <= 3 ms.
 2. Batching across briefs: ``--briefs`` briefs of 1 variant (the preset's steps and size)
    queued at once, through a real worker that gathers them (``GENSHOP_GATHER_MAX=8``: shared
    pipeline calls of up to the preset's batch size) against one that runs one brief at a time
@@ -64,6 +67,7 @@ def main() -> None:
     from genshop.service import run_brief, submit_brief
     from genshop.store import open_store
     from workers.app import app, enqueue_generation
+    from workers.tasks import send_followups
 
     console = Console()
     store = open_store()
@@ -77,7 +81,12 @@ def main() -> None:
     def direct_call(n: int) -> float:
         brief_id = new_brief(n)
         started = time.perf_counter()
-        run_brief(store, brief_id, loaded, max_attempts=2)
+        run_brief(store, brief_id, loaded, max_attempts=2, followups=lambda records: list(send_followups(records)))
+        return (time.perf_counter() - started) * 1000
+
+    def celery_alone() -> float:
+        started = time.perf_counter()
+        app.send_task("celery.accumulate", args=[1], queue=os.environ["GENSHOP_QUEUE"]).get(timeout=60, interval=0.01)
         return (time.perf_counter() - started) * 1000
 
     def queued_call(n: int) -> float:
@@ -96,15 +105,15 @@ def main() -> None:
         worker.terminate()
         worker.wait(timeout=60)
 
-    def paired_round_trips(pool: str) -> tuple[list[float], list[float]]:
-        """(direct, queued): each queued call right after a direct call of an identical brief."""
+    def paired_round_trips(pool: str) -> tuple[list[float], list[float], list[float]]:
+        """(direct, queued, Celery alone): each queued call right after a direct call of an identical brief."""
         worker = start_worker(pool)
         try:
             for n in range(10):  # warm-up, and wait for the worker to be up
                 direct_call(n)
                 AsyncResult(enqueue_generation(new_brief(n)), app=app).get(timeout=120)
-            pairs = [(direct_call(n), queued_call(n)) for n in range(args.tasks)]
-            return [d for d, _ in pairs], [q for _, q in pairs]
+            trips = [(direct_call(n), queued_call(n), celery_alone()) for n in range(args.tasks)]
+            return [d for d, _, _ in trips], [q for _, q, _ in trips], [c for *_, c in trips]
         finally:
             stop(worker)
 
@@ -134,7 +143,7 @@ def main() -> None:
                         f"torch threads={args.threads}")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for pool, (direct, queued) in measured.items():
+    for pool, (direct, queued, alone) in measured.items():
         overhead = [q - d for d, q in zip(direct, queued)]
         table.add_row(f"{pool} pool: direct call p50 / p95 (ms)",
                       f"{statistics.median(direct):.2f} / {percentile(direct, 0.95):.2f}")
@@ -142,6 +151,8 @@ def main() -> None:
                       f"{statistics.median(queued):.2f} / {percentile(queued, 0.95):.2f}")
         table.add_row(f"{pool} pool: queue overhead per pair p50 / p95 (ms)  \\[target p50 <= 3]",
                       f"{statistics.median(overhead):.2f} / {percentile(overhead, 0.95):.2f}")
+        table.add_row(f"{pool} pool: Celery + Redis alone (celery.accumulate) p50 / p95 (ms)",
+                      f"{statistics.median(alone):.2f} / {percentile(alone, 0.95):.2f}")
     for preset, (one, batched) in rates.items():
         target = "  \\[target >= 3x]" if preset == "tiny-random" else ""
         table.add_row(f"{preset}: images/s, one brief at a time", f"{one:.2f}")
