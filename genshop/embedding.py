@@ -196,7 +196,37 @@ class OpenClipEmbedder(Embedder):
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts):
-        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+        return encode_text_trimmed(self.model, self.tokenizer(list(texts)).to(self.device))
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` on only as many positions as the batch's longest text uses.
+
+    open_clip pads every text to the context length (77 for OpenAI's CLIP) and runs the text
+    tower on all of it; a shop's queries are 5 to 10 tokens. With CLIP's causal attention mask a
+    position sees only those before it, so the positions up to each text's end-of-text token,
+    the one pooled, come out the same without the padding behind them: the same embeddings
+    (to float rounding) for a fraction of the work. Models of another kind (a custom or
+    Hugging Face text tower, no causal mask, another pooling) run ``encode_text`` as it is."""
+    import open_clip
+    from open_clip.transformer import text_global_pool
+
+    causal = getattr(model, "attn_mask", None) is not None
+    if type(model) is not open_clip.CLIP or not causal or model.text_pool_type not in ("argmax", "eos"):
+        return model.encode_text(tokens)
+    if model.text_pool_type == "argmax":  # the end-of-text token: the highest id of each text
+        pooled_at = tokens.argmax(dim=-1)
+    else:
+        pooled_at = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    length = int(pooled_at.max()) + 1  # no position after the pooled one changes it
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
 
 
 def _offline_clip_tokenizer(model_config):

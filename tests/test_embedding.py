@@ -185,3 +185,32 @@ def test_transformers_backend_refuses_a_model_it_cannot_embed_with(tmp_path):
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="loads clip and siglip models"):
         load_embedder(EmbeddingConfig.for_directory(tmp_path))
+
+
+@pytest.mark.parametrize("model", ["shipped", "tiny-random"])
+def test_open_clip_text_embeddings_skip_the_padding_and_stay_the_same(request, model):
+    """The text tower runs on the batch's longest text, not the context length: the embeddings
+    of short queries, of one with '!' (token id 0, open_clip's padding id) and of a text
+    cut at the context length equal open_clip's own ``encode_text``."""
+    import open_clip
+
+    from genshop.embedding import encode_text_trimmed
+    from genshop.settings import BUNDLE_DIR
+
+    folder = BUNDLE_DIR / "clip" if model == "shipped" else request.getfixturevalue("open_clip_dir")
+    embedder = load_embedder(EmbeddingConfig.for_directory(folder, device="cpu"))
+    assert type(embedder.model) is open_clip.CLIP
+    batches = [["red kurta", "men's blue denim jeans for summer"], ["wow! red! kurta!", "!"],
+               ["a very long description of a dress " * 20, "tee"]]
+    for texts in batches:
+        tokens = embedder.tokenizer(texts)
+        with torch.inference_mode():
+            full = embedder.model.encode_text(tokens)
+            trimmed = encode_text_trimmed(embedder.model, tokens)
+        assert trimmed.shape == full.shape
+        assert torch.allclose(trimmed, full, atol=1e-4 * float(full.abs().max()), rtol=0)
+        vectors = embedder.embed_texts(texts)
+        reference = torch.nn.functional.normalize(full, dim=-1).numpy()
+        assert np.allclose(vectors, reference, atol=1e-4)
+    short = embedder.tokenizer(["red kurta"])
+    assert int(short.argmax(dim=-1)) + 1 < short.shape[1]  # the short batch really ran on fewer positions
