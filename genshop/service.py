@@ -22,7 +22,7 @@ from genshop.generation import (GenerationCancelled, GeneratedImage, generate_ac
 from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
 from genshop.queueing import brief_priority, enqueue_waiting
-from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord
+from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord, UnknownBriefError
 
 
 class Progress(BaseModel):
@@ -243,13 +243,13 @@ def run_brief(
     (a delivery that dies first leaves them unrecorded: the brief's redelivery queues them).
     """
     owner = owner or f"local:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not store.acquire_lease(brief_id, owner, lease_s):
-        return store.get_brief(brief_id)
-    queued: list[str] = []
+    taken, others = store.start_runs([brief_id], owner, lease_s, max_attempts)  # lease and start: one transaction
+    if not taken:  # another delivery holds it, or it is finished, cancelled or paused (its lease given back)
+        if brief_id not in others:
+            raise UnknownBriefError(f"no brief with id {brief_id!r}")
+        return others[brief_id]
+    record, queued = taken[0], []
     try:
-        record = store.start_attempt(brief_id, max_attempts)
-        if record.status != "running":
-            return record
         with _Heartbeat(store, [brief_id], owner, max(0.5, lease_s / 4)) as heartbeat:
             record = _generate_missing(store, record, loaded, on_progress, progress_interval_s,
                                        lambda: brief_id in heartbeat.lost)
