@@ -402,6 +402,18 @@ def test_the_on_brief_guard_ranks_on_brief_candidates_first_and_by_reward_within
     assert ranking_order(rewards, [True] * 5).tolist() == ranking_order(rewards).tolist()
 
 
+def test_the_margin_guard_drops_reward_near_ties_but_keeps_what_the_on_brief_guard_ordered():
+    from genshop.tuning.tune import Ranking, margin_kept
+
+    rankings = [Ranking(prompt="wide", rewards=[0.9, 0.5, 0.1]),
+                Ranking(prompt="near tie", rewards=[0.52, 0.5, 0.48]),
+                Ranking(prompt="guard ordered", rewards=[0.2, 0.9, 0.6], on_brief=[True, False, False]),
+                Ranking(prompt="both on brief, near tie", rewards=[0.51, 0.5], on_brief=[True, True])]
+    assert margin_kept(rankings, 0.3) == [0, 2]
+    assert margin_kept(rankings, 0.0) == [0, 1, 2, 3]
+    assert margin_kept(rankings, 1.0) == [2]
+
+
 def test_click_pairs_put_the_most_chosen_images_against_the_least_chosen():
     import pandas as pd
 

@@ -68,7 +68,8 @@ class TuneConfig(BaseModel):
                                        "another run (its rankings-round000.safetensors) for this group instead of "
                                        "sampling them again: the same prompts, candidates and seeds")
     min_margin: float = Field(default=0.0, ge=0, description="guard: sampled rankings whose best and worst rewards "
-                              "differ by less are dropped (near-ties the reward cannot tell apart)")
+                              "differ by less are dropped (near-ties the reward cannot tell apart; with --on-brief, a best on "
+                              "brief and a worst off it are kept: ``margin_kept``)")
     on_brief: bool = Field(default=False, description="guard: sampled candidates that the enrich stage reads as the "
                            "brief's article type rank above those it reads as another (by reward within each), so "
                            "the preferred image never leaves the brief")
@@ -100,6 +101,15 @@ class Ranking(BaseModel):
     rewards: list[float]
     labels: list[float] | None = None  # KTO: +1 desirable, -1 undesirable per candidate; None: by position
     on_brief: list[bool] | None = None  # the on-brief guard's reading per candidate (same order)
+
+
+def margin_kept(rankings: list[Ranking], min_margin: float) -> list[int]:
+    """The rankings the margin guard keeps: those whose best and worst rewards differ by at least
+    ``min_margin``, and those whose best and worst the on-brief guard tells apart (on brief
+    against off brief: the order is the guard's, not a near-tie of the reward's; its reward
+    difference may be negative)."""
+    return [i for i, r in enumerate(rankings)
+            if r.rewards[0] - r.rewards[-1] >= min_margin or (r.on_brief is not None and r.on_brief[0] != r.on_brief[-1])]
 
 
 def ranking_order(rewards: list[float], on_brief: list[bool] | None = None) -> np.ndarray:
@@ -449,7 +459,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             keep = [i for i, r in enumerate(rankings) if r.prompt not in held_out]
             rankings, latents = [rankings[i] for i in keep], latents[torch.tensor(keep)]
         if config.min_margin > 0 and not config.preferences:  # the file keeps them all; the filter is the config's
-            keep = [i for i, r in enumerate(rankings) if r.rewards[0] - r.rewards[-1] >= config.min_margin]
+            keep = margin_kept(rankings, config.min_margin)
             if not keep:
                 raise ValueError(f"no ranking has a reward margin of {config.min_margin}: lower --min-margin")
             if not any(r.get("event") == "margin_filter" and r["round"] == round_index for r in read_log(log)):
