@@ -596,7 +596,14 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
                      "--on-brief", "--candidates", "3", "--steps", "1", "--inference-steps", "2", "--threads", "1"]
     without_enrich = invoke_cli([*on_brief_args[:8], str(tmp_path / "no-enrich"), *on_brief_args[9:]], env)
     assert without_enrich.returncode != 0 and "GENSHOP_EMBEDDING_MODEL" in (without_enrich.stdout + without_enrich.stderr)
-    result = invoke_cli(on_brief_args, {**env, "GENSHOP_EMBEDDING_MODEL": str(open_clip_dir)})
+    assert not (tmp_path / "no-enrich").exists()
+    enrich_env = {**env, "GENSHOP_EMBEDDING_MODEL": str(open_clip_dir)}
+    without_heads = invoke_cli([*on_brief_args[:8], str(tmp_path / "no-heads"), *on_brief_args[9:]],
+                               {**enrich_env, "GENSHOP_UNDERSTANDING": "off"})  # the default reader needs the heads
+    assert without_heads.returncode != 0 and "--on-brief-reader zero-shot" in (without_heads.stdout + without_heads.stderr)
+    assert not (tmp_path / "no-heads").exists()  # refused before anything is written
+    on_brief_args += ["--on-brief-reader", "zero-shot"]
+    result = invoke_cli(on_brief_args, enrich_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     with safe_open(str(tmp_path / "on-brief-C" / "rankings-round000.safetensors"), framework="pt") as f:
         ranked_c = json.loads(f.metadata()["rankings"])
@@ -609,7 +616,8 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     log = [json.loads(line) for line in (tmp_path / "on-brief-C" / "log.jsonl").read_text().splitlines()]
     share = next(r["on_brief_share"] for r in log if r.get("event") == "rankings")
     assert share == pytest.approx(np.mean([x for r in ranked_c for x in r["on_brief"]]))
-    assert json.loads((tmp_path / "on-brief-C" / "adapter" / "genshop_adapter.json").read_text())["on_brief"] is True
+    record = json.loads((tmp_path / "on-brief-C" / "adapter" / "genshop_adapter.json").read_text())
+    assert record["on_brief"] is True and record["on_brief_reader"] == "zero-shot"
 
 
 def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):
