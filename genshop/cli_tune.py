@@ -37,7 +37,7 @@ from genshop.cli_train import _progress_bar, stage_progress
 @click.option("--min-margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
 @click.option("--on-brief", is_flag=True,
-              help="guard: candidates the enrich stage reads as the brief's article type rank above the others")
+              help="guard: candidates read (--on-brief-reader) as the brief's article type rank above the others")
 @click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned"]), default="top-tuned",
               show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads)")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,

@@ -70,7 +70,7 @@ class TuneConfig(BaseModel):
     min_margin: float = Field(default=0.0, ge=0, description="guard: sampled rankings whose best and worst rewards "
                               "differ by less are dropped (near-ties the reward cannot tell apart; with --on-brief, a best on "
                               "brief and a worst off it are kept: ``margin_kept``)")
-    on_brief: bool = Field(default=False, description="guard: sampled candidates that the enrich stage reads as the "
+    on_brief: bool = Field(default=False, description="guard: sampled candidates that ``on_brief_reader`` reads as the "
                            "brief's article type rank above those it reads as another (by reward within each), so "
                            "the preferred image never leaves the brief")
     on_brief_reader: Literal["zero-shot", "top-tuned"] = Field(
@@ -125,7 +125,7 @@ def ranking_order(rewards: list[float], on_brief: list[bool] | None = None) -> n
 
 
 def brief_reader(enricher):
-    """``read(images, article_type) -> [bool]``: the enrich stage reads each image as that article type."""
+    """``read(images, article_type) -> [bool]``: the enricher (its classifier) reads each image as that article type."""
     from genshop.enrichment import understand_images
 
     def read(images, article_type: str | None) -> list[bool] | None:
