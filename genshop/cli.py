@@ -239,10 +239,13 @@ def submit(file: Path, wait: bool, as_json: bool, local: bool, front: bool) -> N
     brief = load_brief_file(file, load_preset(settings.preset))  # schema and limits, before the heavy imports
     if front:
         brief = brief.model_copy(update={"priority": "high"})
-    from genshop.local_worker import load_local_models, run_locally
     from genshop.service import submit_brief
 
-    models = load_local_models(settings.preset) if local else None  # a model that cannot load stores nothing
+    models = None
+    if local:  # a model that cannot load stores nothing (and queueing a brief never imports torch)
+        from genshop.local_worker import load_local_models, run_locally
+
+        models = load_local_models(settings.preset)
     store = _store()
     try:
         record, created = submit_brief(store, brief, settings.preset)

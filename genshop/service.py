@@ -12,17 +12,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from genshop.adapters import use_group
 from genshop.briefs import Brief, resolve_brief
-from genshop.generation import (GenerationCancelled, GeneratedImage, generate_across_briefs, generate_batch,
-                                plan_batches, shared_call_key)
-from genshop.pipelines import LoadedPipeline
 from genshop.presets import load_preset
 from genshop.queueing import brief_priority, enqueue_waiting
 from genshop.store import BriefRecord, ItemRecord, NewItem, Store, UnderstandingRecord, UnknownBriefError
+
+if TYPE_CHECKING:  # generating imports torch: submit, status and cancel (the CLI, the API) never do
+    from genshop.generation import GeneratedImage
+    from genshop.pipelines import LoadedPipeline
 
 
 class Progress(BaseModel):
@@ -265,6 +266,9 @@ def run_brief(
 
 def _generate_missing(store: Store, record: BriefRecord, loaded: LoadedPipeline, on_progress: ProgressCallback | None,
                       progress_interval_s: float, lost: Callable[[], bool]) -> BriefRecord:
+    from genshop.adapters import use_group
+    from genshop.generation import GenerationCancelled, generate_batch, plan_batches
+
     brief_id, brief = record.id, record.brief
     batches = plan_batches(brief, loaded.preset.defaults.batch_size, frozenset(loaded.adapters))
     done = store.existing_variants(brief_id)
@@ -361,6 +365,9 @@ def run_briefs(
 def _generate_together(store: Store, records: list[BriefRecord], loaded: LoadedPipeline,
                        on_progress: BriefProgressCallback | None, progress_interval_s: float,
                        lost: set[str]) -> dict[str, BriefRecord]:
+    from genshop.adapters import use_group
+    from genshop.generation import GenerationCancelled, generate_across_briefs, plan_batches, shared_call_key
+
     briefs = {r.id: r.brief for r in records}
     outcome: dict[str, BriefRecord] = {}
     for record in (r for r in records if r.brief.best_of > 1):

@@ -125,3 +125,31 @@ def test_a_brief_that_cannot_be_generated_fails_with_its_error(queue_env, tmp_pa
     assert status["status"] == "failed" and "divisible by 8" in status["error"]
     proc = run_cli(["status", record.id], queue_env)
     assert proc.returncode == 0 and "divisible by 8" in proc.stdout
+
+
+
+CLI_WITHOUT_TORCH = """
+import sys
+from genshop.cli import main
+brief_file, brief_id = sys.argv[1:]
+for args in (["submit", brief_file, "--json"], ["status", brief_id, "--json"], ["cancel", brief_id, "--json"]):
+    try:
+        main(args, standalone_mode=False)
+    except SystemExit as exc:
+        assert not exc.code, (args, exc.code)
+print("torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+
+def test_queueing_checking_and_cancelling_a_brief_never_imports_torch(queue_env, tmp_path):
+    """submit, status and cancel talk only to the store and Redis: a designer's CLI call (and the
+    tests' many) does not pay the seconds that importing torch and diffusers takes."""
+    import subprocess
+    import sys
+
+    brief = write_brief(tmp_path / "b.json", variants=1, steps=1, width=16, height=16)
+    queued = submit(queue_env, brief)
+    proc = subprocess.run([sys.executable, "-c", CLI_WITHOUT_TORCH, str(brief), queued["brief_id"]], env=queue_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "no torch", proc.stdout[-2000:]
