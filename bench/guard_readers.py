@@ -3,8 +3,8 @@
 ``genshop tune --on-brief`` ranks the candidates a reader takes for the brief's article type
 above the others. Which reader it uses matters: what it protects is what the judge of
 ``genshop tune eval`` checks only as far as the two agree. For the training briefs
-(``configs/tuning/briefs-train.yaml``), ``--variants`` base images each (the tuning's seeds and
-steps), read by the enrich stage's zero-shot classifier and by the understanding folder's
+(``configs/tuning/briefs-train.yaml``), ``--variants`` base images each (made as generation makes
+them: each variant's own seed, the tuning's steps), read by the enrich stage's zero-shot classifier and by the understanding folder's
 top-tuned heads (``--on-brief-reader``), and by the judge: each reader's agreement with the
 judge (article type, colour), and the share of the images it reads as on brief (off brief)
 that the judge finds on brief.
@@ -37,28 +37,20 @@ def main() -> None:
 
     from genshop.enrichment import enrich_config_from_settings, load_enricher, understand_images
     from genshop.evaluation.judge import JudgeModel, judge_images, to_pixels
-    from genshop.families import family_of
-    from genshop.generation import build_prompt
+    from genshop.generation import generate_batch
     from genshop.pipelines import load_pipeline
     from genshop.settings import BUNDLE_DIR, get_settings
     from genshop.tuning.tune import load_tune_briefs
 
     torch.set_num_threads(args.threads)
     loaded = load_pipeline(args.preset, adapters=False)
-    family = family_of(loaded.pipeline)
     briefs = load_tune_briefs(REPO / "configs" / "tuning" / "briefs-train.yaml", loaded.preset, 0, steps=args.steps)
     config = enrich_config_from_settings(get_settings())
     readers = {name: load_enricher(config.model_copy(update={"classifier": name})) for name in ("zero-shot", "top-tuned")}
     judge = JudgeModel.from_pretrained(BUNDLE_DIR / "judge")
     rows = []
     for brief in track(briefs[: args.briefs], description="base images, read three ways"):
-        prompt = build_prompt(brief)
-        kwargs = family.generation_kwargs(loaded.pipeline, prompt, brief.negative_prompt or "", args.variants,
-                                          brief.guidance_scale, loaded.preset.defaults.max_sequence_length)
-        with torch.inference_mode():
-            images = loaded.pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
-                                     generator=[torch.Generator().manual_seed(brief.seed + v)
-                                                for v in range(args.variants)]).images
+        images = [made.image for made in generate_batch(loaded, brief, list(range(args.variants)))]
         judged, _ = judge_images(judge, to_pixels(images, judge.config.width, judge.config.height))
         read = {name: understand_images(reader, images)[1] for name, reader in readers.items()}
         for i in range(len(images)):

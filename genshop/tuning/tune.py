@@ -124,6 +124,13 @@ def ranking_order(rewards: list[float], on_brief: list[bool] | None = None) -> n
     return np.lexsort((keys, ~np.asarray(on_brief, dtype=bool)))
 
 
+def ranked(prompt: str, rewards: list[float], on_brief: list[bool] | None = None) -> tuple[Ranking, torch.Tensor]:
+    """One prompt's candidates as a ``Ranking`` (``ranking_order``) and the order to put their latents in."""
+    order = ranking_order(rewards, on_brief)
+    return (Ranking(prompt=prompt, rewards=[rewards[j] for j in order],
+                    on_brief=None if on_brief is None else [on_brief[j] for j in order]), torch.from_numpy(order))
+
+
 def brief_reader(enricher):
     """``read(images, article_type) -> [bool]``: the enricher (its classifier) reads each image as that article type."""
     from genshop.enrichment import understand_images
@@ -168,11 +175,9 @@ def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k
         sampled = family.ranking_latents(pipeline, sampled, brief.height, brief.width)
         images = family.decode_latents(pipeline, sampled)
         rewards = score_images(model, embedder, images, prompt, [group])[group].rewards
-        on_brief = read_on_brief(images, brief.article_type) if read_on_brief else None
-        order = ranking_order(rewards, on_brief)
-        rankings.append(Ranking(prompt=prompt, rewards=[rewards[j] for j in order],
-                                on_brief=None if on_brief is None else [on_brief[j] for j in order]))
-        latents.append(sampled[torch.from_numpy(order)].float().cpu())
+        ranking, order = ranked(prompt, rewards, read_on_brief(images, brief.article_type) if read_on_brief else None)
+        rankings.append(ranking)
+        latents.append(sampled[order].float().cpu())
     return rankings, torch.stack(latents)
 
 
@@ -252,10 +257,9 @@ def rerank(family, pipeline, path: Path, group: str, scorer, article_types: dict
         images = family.decode_latents(pipeline, candidates)
         rewards = score_images(model, embedder, images, ranking.prompt, [group])[group].rewards
         on_brief = read_on_brief(images, (article_types or {}).get(ranking.prompt)) if read_on_brief else None
-        order = ranking_order(rewards, on_brief)
-        rankings.append(Ranking(prompt=ranking.prompt, rewards=[rewards[j] for j in order],
-                                on_brief=None if on_brief is None else [on_brief[j] for j in order]))
-        latents.append(candidates[torch.from_numpy(order)])
+        reranked, order = ranked(ranking.prompt, rewards, on_brief)
+        rankings.append(reranked)
+        latents.append(candidates[order])
     return rankings, torch.stack(latents)
 
 
