@@ -38,8 +38,9 @@ from genshop.cli_train import _progress_bar, stage_progress
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
 @click.option("--on-brief", is_flag=True,
               help="guard: candidates read (--on-brief-reader) as the brief's article type rank above the others")
-@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned"]), default="top-tuned",
-              show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads)")
+@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned", "both"]), default="top-tuned",
+              show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads; "
+              "both: on brief where both read it so)")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,
               help="guard: hold this many briefs out; keep the adapter their reward was best with (early stopping)")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,

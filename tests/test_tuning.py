@@ -602,6 +602,11 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
                                {**enrich_env, "GENSHOP_UNDERSTANDING": "off"})  # the default reader needs the heads
     assert without_heads.returncode != 0 and "--on-brief-reader zero-shot" in (without_heads.stdout + without_heads.stderr)
     assert not (tmp_path / "no-heads").exists()  # refused before anything is written
+    both_without_heads = invoke_cli([*on_brief_args[:8], str(tmp_path / "no-heads"), *on_brief_args[9:],
+                                     "--on-brief-reader", "both"], {**enrich_env, "GENSHOP_UNDERSTANDING": "off"})
+    assert both_without_heads.returncode != 0
+    assert "--on-brief-reader both needs" in (both_without_heads.stdout + both_without_heads.stderr)
+    assert not (tmp_path / "no-heads").exists()
     on_brief_args += ["--on-brief-reader", "zero-shot"]
     result = invoke_cli(on_brief_args, enrich_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

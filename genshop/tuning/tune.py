@@ -73,10 +73,10 @@ class TuneConfig(BaseModel):
     on_brief: bool = Field(default=False, description="guard: sampled candidates that ``on_brief_reader`` reads as the "
                            "brief's article type rank above those it reads as another (by reward within each), so "
                            "the preferred image never leaves the brief")
-    on_brief_reader: Literal["zero-shot", "top-tuned"] = Field(
-        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, or the "
+    on_brief_reader: Literal["zero-shot", "top-tuned", "both"] = Field(
+        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, the "
         "understanding folder's top-tuned heads (on the mini model's images, the judge finds 92% of what these read "
-        "as on brief on brief, against 84% for zero-shot)")
+        "as on brief on brief, against 84% for zero-shot), or both (on brief: both read it so)")
     validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
                                    "split) are not tuned on; after each round their mean reward over fixed seeds "
                                    "is measured and the adapter of the best round is the one saved")
@@ -131,14 +131,15 @@ def ranked(prompt: str, rewards: list[float], on_brief: list[bool] | None = None
                     on_brief=None if on_brief is None else [on_brief[j] for j in order]), torch.from_numpy(order))
 
 
-def brief_reader(enricher):
-    """``read(images, article_type) -> [bool]``: the enricher (its classifier) reads each image as that article type."""
+def brief_reader(*enrichers):
+    """``read(images, article_type) -> [bool]``: every enricher (its classifier) reads each image as that article type."""
     from genshop.enrichment import understand_images
 
     def read(images, article_type: str | None) -> list[bool] | None:
         if not article_type:  # a brief that names no article type: nothing to guard
             return None
-        return [u.article_type.label == article_type for u in understand_images(enricher, images)[1]]
+        readings = [[u.article_type.label == article_type for u in understand_images(e, images)[1]] for e in enrichers]
+        return [all(flags) for flags in zip(*readings)]
 
     return read
 
@@ -385,9 +386,9 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         from genshop.enrichment import enrich_config_from_settings
 
         enrich_config = enrich_config_from_settings(get_settings())
-        if config.on_brief_reader == "top-tuned" and enrich_config.understanding is None:
-            raise ValueError("--on-brief-reader top-tuned needs the understanding folder's heads (GENSHOP_UNDERSTANDING "
-                             "is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
+        if config.on_brief_reader != "zero-shot" and enrich_config.understanding is None:
+            raise ValueError(f"--on-brief-reader {config.on_brief_reader} needs the understanding folder's heads "
+                             "(GENSHOP_UNDERSTANDING is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
     if config.threads:
         torch.set_num_threads(config.threads)
     out = config.out
@@ -429,7 +430,9 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     if enrich_config is not None:
         from genshop.enrichment import load_enricher
 
-        read_on_brief = brief_reader(load_enricher(enrich_config.model_copy(update={"classifier": config.on_brief_reader})))
+        classifiers = ["zero-shot", "top-tuned"] if config.on_brief_reader == "both" else [config.on_brief_reader]
+        read_on_brief = brief_reader(*[load_enricher(enrich_config.model_copy(update={"classifier": c}))
+                                       for c in classifiers])
     prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
     scale = vae_scale_factor(pipeline)
 
