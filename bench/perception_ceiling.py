@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attribute-reward", type=Path, default=None,
+                        help="also pick by this attribute reward (`genshop reward fit-attributes`) through its reader")
     parser.add_argument("--reads", type=Path, default=None, help="save every image's readings here (parquet)")
     args = parser.parse_args()
 
@@ -54,6 +56,7 @@ def main() -> None:
     from genshop.tuning.tune import load_tune_briefs
     from genshop.understanding.categorize import leaf_log_posterior
     from genshop.understanding.taxonomy import load_taxonomy
+    from reward.attribute_reward import AttributeReward, expected_utilities
     from reward.scoring import load_scorer, score_images
     from reward.simulator import item_utilities, load_simulator_spec
 
@@ -71,7 +74,12 @@ def main() -> None:
     taxonomy = load_taxonomy(REPO / "configs" / "understanding" / "taxonomy.yaml")
     parents = {a.name: (a.master_category, a.sub_category) for a in taxonomy.article_types}
     leaves = taxonomy.labels("article_type")
-    colours = sorted(next(f for f in taxonomy.attributes if f.name == "colour").values)
+    true_utilities = lambda items: item_utilities(spec, items)  # noqa: E731
+    learned = None
+    if args.attribute_reward:
+        learned = AttributeReward.from_pretrained(args.attribute_reward)
+        order = [learned.config.groups.index(g) for g in groups]
+        learned_utilities = lambda items: learned.utilities(items)[order]  # noqa: E731
 
     def perceived(found, brief):
         """The judge frame's columns, as a product reader reads them."""
@@ -83,16 +91,12 @@ def main() -> None:
         frame["usage"], frame["gender"] = brief.usage or "", brief.gender or ""
         return frame
 
-    def expected(reader, embeddings, brief):
-        """``[groups, n]``: each group's utility in expectation over the reader's posteriors (article type x colour)."""
+    def expected(reader, embeddings, brief, utilities):
+        """``[groups, n]``: each group's ``utilities`` in expectation over the reader's posteriors (article type x colour)."""
         log_posteriors = reader.classifier.log_posteriors(embeddings)
         p_leaf = np.exp(leaf_log_posterior(log_posteriors, taxonomy, reader.classifier.temperatures.get(HIERARCHY, 1.0)))
-        p_colour = np.exp(log_posteriors["colour"])
-        grid = pd.DataFrame([{"article_type": leaf, "master_category": parents[leaf][0], "sub_category": parents[leaf][1],
-                              "colour": colour, "usage": brief.usage or "", "gender": brief.gender or ""}
-                             for leaf in leaves for colour in colours])
-        table = item_utilities(spec, grid).reshape(len(spec.groups), len(leaves), len(colours))
-        return np.einsum("nl,glc,nc->gn", p_leaf, table, p_colour)
+        return expected_utilities(utilities, p_leaf, np.exp(log_posteriors["colour"]), leaves, parents,
+                                  reader.classifier.labels["colour"], brief.usage or "", brief.gender or "")
 
     rows = []
     seeds = list(range(args.base)) + [1_000_003 * (c + 1) for c in range(args.pool)]
@@ -103,7 +107,9 @@ def main() -> None:
         for name, reader in readers.items():
             embeddings, found = understand_images(reader, images)
             frames[name] = perceived(found, brief)
-            expectations[f"{name} expected"] = expected(reader, embeddings, brief)
+            expectations[f"{name} expected"] = expected(reader, embeddings, brief, true_utilities)
+            if learned is not None and learned.config.reader == name:
+                expectations["attribute reward"] = expected(reader, embeddings, brief, learned_utilities)
         utilities = {**{name: item_utilities(spec, frame) for name, frame in frames.items()}, **expectations}
         scores = score_images(model, embedder, images, build_prompt(brief), groups)
         for i in range(len(images)):
@@ -117,7 +123,8 @@ def main() -> None:
     if args.reads:
         frame.to_parquet(args.reads)
 
-    selectors = ["reward", "zero-shot", "zero-shot expected", "top-tuned", "top-tuned expected", "oracle"]
+    selectors = ["reward", *(["attribute reward"] if learned else []), "zero-shot", "zero-shot expected", "top-tuned",
+                 "top-tuned expected", "oracle"]
     sizes = [int(n) for n in args.best_of.split(",") if n]
     print(f"{len(briefs)} held-out briefs x ({args.base} base + {args.pool} pool) images, {args.steps} steps; "
           "held-out win rate of the best-of-N pick against the base arm")

@@ -230,6 +230,34 @@ def score_command(images, model_dir, groups, brief, clip, batch_size, device, as
     stdout.print(table)
 
 
+@reward.command("fit-attributes")
+@click.argument("impressions", type=FILE, nargs=-1, required=True)
+@click.option("--catalog", type=FILE, multiple=True, required=True,
+              help="catalog parquet of the products the impressions show (repeatable)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--reader", type=click.Choice(["top-tuned", "zero-shot"]), default="top-tuned", show_default=True,
+              help="the enrich stage's classifier that reads a generated image's attributes when it is scored")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="full-batch Adam steps")
+def fit_attributes_command(impressions, catalog, out, reader, steps) -> None:
+    """A group reward over catalog attributes (a conditional logit on the impressions), for `genshop tune --reward`."""
+    from reward.attribute_reward import fit_attribute_reward
+    from reward.impressions import read_impression_files
+    from reward.simulator import catalog_attributes
+
+    frame = read_impression_files(impressions)
+    items = catalog_attributes(list(catalog))
+    try:
+        with _progress_bar() as bar:
+            on_progress = stage_progress(bar)
+            model = fit_attribute_reward(frame, items, steps=steps, reader=reader,
+                                         progress=lambda done, total: on_progress("fit", done, total))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    model.save_pretrained(out)
+    stdout.print(f"{len(frame)} impressions of {len(items)} products, {len(model.config.features)} features, "
+                 f"groups {', '.join(model.config.groups)}: {out}")
+
+
 # ================================================================ genshop simulate
 
 @click.group("simulate")
@@ -258,7 +286,8 @@ def simulate_impressions_command(catalog, groups, n, k, out, seed, pools, json_r
                               id_prefix=f"sim-{out.stem}")
     try:
         with _progress_bar() as bar:
-            frame, report = simulate_impressions(config, lambda done, total: stage_progress(bar)("simulate", done, total))
+            on_progress = stage_progress(bar)  # one bar, however often it reports
+            frame, report = simulate_impressions(config, lambda done, total: on_progress("simulate", done, total))
     except GroupsConfigError as exc:
         raise _invalid_input(exc) from None
     (write_impressions_jsonl if out.suffix.lower() in (".jsonl", ".ndjson") else write_impressions)(frame, out)

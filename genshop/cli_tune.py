@@ -14,7 +14,8 @@ from genshop.cli_train import _progress_bar, stage_progress
 @click.group("tune", invoke_without_command=True)
 @click.option("--group", help="the customer group to tune for")
 @click.option("--briefs", type=FILE, help="YAML list of briefs whose prompts are tuned on")
-@click.option("--reward", type=FOLDER, help="group reward model folder")
+@click.option("--reward", type=FOLDER,
+              help="group reward folder: a CLIP reward model, or an attribute reward (genshop reward fit-attributes)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", default=None, help="generation preset of the base pipeline (default: GENSHOP_PRESET)")
 @click.option("--objective", type=click.Choice(["dpo", "listwise", "kto"]), default="dpo", show_default=True,
@@ -38,9 +39,8 @@ from genshop.cli_train import _progress_bar, stage_progress
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
 @click.option("--on-brief", is_flag=True,
               help="guard: candidates read (--on-brief-reader) as the brief's article type rank above the others")
-@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned", "both"]), default="top-tuned",
-              show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads; "
-              "both: on brief where both read it so)")
+@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned"]), default="top-tuned",
+              show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads)")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,
               help="guard: hold this many briefs out; keep the adapter their reward was best with (early stopping)")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,

@@ -602,11 +602,6 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
                                {**enrich_env, "GENSHOP_UNDERSTANDING": "off"})  # the default reader needs the heads
     assert without_heads.returncode != 0 and "--on-brief-reader zero-shot" in (without_heads.stdout + without_heads.stderr)
     assert not (tmp_path / "no-heads").exists()  # refused before anything is written
-    both_without_heads = invoke_cli([*on_brief_args[:8], str(tmp_path / "no-heads"), *on_brief_args[9:],
-                                     "--on-brief-reader", "both"], {**enrich_env, "GENSHOP_UNDERSTANDING": "off"})
-    assert both_without_heads.returncode != 0
-    assert "--on-brief-reader both needs" in (both_without_heads.stdout + both_without_heads.stderr)
-    assert not (tmp_path / "no-heads").exists()
     on_brief_args += ["--on-brief-reader", "zero-shot"]
     result = invoke_cli(on_brief_args, enrich_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -623,6 +618,34 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     assert share == pytest.approx(np.mean([x for r in ranked_c for x in r["on_brief"]]))
     record = json.loads((tmp_path / "on-brief-C" / "adapter" / "genshop_adapter.json").read_text())
     assert record["on_brief"] is True and record["on_brief_reader"] == "zero-shot"
+
+    # an attribute reward (a conditional logit on clicks, read through the zero-shot classifier) ranks instead
+    from genshop.settings import REPO_ROOT
+    from reward.attribute_reward import fit_attribute_reward
+    from reward.simulator import SimulationConfig, catalog_attributes, simulate_impressions
+    from reward.synthetic import write_synthetic_catalog
+
+    catalog = write_synthetic_catalog(tmp_path / "catalog.parquet", 200, seed=2)
+    clicks, _ = simulate_impressions(SimulationConfig(catalog=[catalog], groups=REPO_ROOT / "configs" / "groups.yaml",
+                                                      n=2000, k=4, seed=3))
+    attribute_dir = fit_attribute_reward(clicks[clicks["group_id"].isin(["A", "B"])], catalog_attributes([catalog]),
+                                         steps=20, reader="zero-shot").save_pretrained(tmp_path / "attribute-reward")
+    attribute_args = ["tune", "--group", "A", "--briefs", str(briefs), "--reward", str(attribute_dir), "--out",
+                      str(tmp_path / "attribute-A"), "--rankings-from", str(guarded / "rankings-round000.safetensors"),
+                      "--candidates", "3", "--steps", "1", "--inference-steps", "2", "--threads", "1"]
+    no_reader = invoke_cli(attribute_args, env)  # the reward reads images through the enrich stage
+    assert no_reader.returncode != 0 and "GENSHOP_EMBEDDING_MODEL" in (no_reader.stdout + no_reader.stderr)
+    unknown_group = invoke_cli([*attribute_args[:2], "C", *attribute_args[3:]], enrich_env)
+    assert unknown_group.returncode != 0 and "knows no group 'C'" in (unknown_group.stdout + unknown_group.stderr)
+    assert not (tmp_path / "attribute-A").exists()  # both refused before anything is written
+    result = invoke_cli(attribute_args, enrich_env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with safe_open(str(tmp_path / "attribute-A" / "rankings-round000.safetensors"), framework="pt") as f:
+        ranked_attribute = json.loads(f.metadata()["rankings"])
+    assert all(r["rewards"] == sorted(r["rewards"], reverse=True) for r in ranked_attribute)
+    assert [r["rewards"] for r in ranked_attribute] != [r["rewards"] for r in ranked_a]  # not the CLIP reward's
+    record = json.loads((tmp_path / "attribute-A" / "adapter" / "genshop_adapter.json").read_text())
+    assert record["reward"] == "attribute" and saved["reward"] == "clip"
 
 
 def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):

@@ -58,7 +58,8 @@ class TuneConfig(BaseModel):
 
     group: str = Field(min_length=1)
     briefs: Path = Field(description="YAML: a list of briefs (the brief schema); their prompts are tuned on")
-    reward: Path = Field(description="group reward model folder")
+    reward: Path = Field(description="group reward folder: a CLIP reward model, or an attribute reward "
+                         "(`genshop reward fit-attributes`)")
     out: Path
     preset: str | None = Field(default=None, description="generation preset of the base pipeline (default: settings)")
     objective: Literal["dpo", "listwise", "kto"] = "dpo"
@@ -73,10 +74,10 @@ class TuneConfig(BaseModel):
     on_brief: bool = Field(default=False, description="guard: sampled candidates that ``on_brief_reader`` reads as the "
                            "brief's article type rank above those it reads as another (by reward within each), so "
                            "the preferred image never leaves the brief")
-    on_brief_reader: Literal["zero-shot", "top-tuned", "both"] = Field(
-        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, the "
+    on_brief_reader: Literal["zero-shot", "top-tuned"] = Field(
+        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, or the "
         "understanding folder's top-tuned heads (on the mini model's images, the judge finds 92% of what these read "
-        "as on brief on brief, against 84% for zero-shot), or both (on brief: both read it so)")
+        "as on brief on brief, against 84% for zero-shot)")
     validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
                                    "split) are not tuned on; after each round their mean reward over fixed seeds "
                                    "is measured and the adapter of the best round is the one saved")
@@ -131,15 +132,32 @@ def ranked(prompt: str, rewards: list[float], on_brief: list[bool] | None = None
                     on_brief=None if on_brief is None else [on_brief[j] for j in order]), torch.from_numpy(order))
 
 
-def brief_reader(*enrichers):
-    """``read(images, article_type) -> [bool]``: every enricher (its classifier) reads each image as that article type."""
+def group_scorer(reward_dir: Path, group: str, enrich_config=None):
+    """``score(images, prompt, brief) -> [reward per image]`` of ``group``: by the CLIP reward model in
+    ``reward_dir``, or by an attribute reward (``reward.attribute_reward``: a folder with ``attribute_reward.json``)
+    through its reader, the enrich stage's classifier of ``enrich_config``."""
+    from reward.attribute_reward import AttributeReward, image_scorer, is_attribute_reward
+
+    if is_attribute_reward(reward_dir):
+        from genshop.enrichment import load_enricher
+
+        reward = AttributeReward.from_pretrained(reward_dir)
+        score = image_scorer(reward, load_enricher(enrich_config.model_copy(update={"classifier": reward.config.reader})))
+        return lambda images, prompt, brief: score(images, brief and brief.usage, brief and brief.gender, [group])[group]
+    from reward.scoring import load_scorer, score_images
+
+    model, embedder = load_scorer(reward_dir)
+    return lambda images, prompt, brief: score_images(model, embedder, images, prompt, [group])[group].rewards
+
+
+def brief_reader(enricher):
+    """``read(images, article_type) -> [bool]``: the enricher (its classifier) reads each image as that article type."""
     from genshop.enrichment import understand_images
 
     def read(images, article_type: str | None) -> list[bool] | None:
         if not article_type:  # a brief that names no article type: nothing to guard
             return None
-        readings = [[u.article_type.label == article_type for u in understand_images(e, images)[1]] for e in enrichers]
-        return [all(flags) for flags in zip(*readings)]
+        return [u.article_type.label == article_type for u in understand_images(enricher, images)[1]]
 
     return read
 
@@ -157,14 +175,11 @@ def load_tune_briefs(path: Path, preset, seed: int, **overrides) -> list[Brief]:
 # ---------------------------------------------------------------- rankings
 
 @torch.no_grad()
-def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k: int, seed: int,
+def sample_rankings(family, pipeline, briefs: list[Brief], scorer, k: int, seed: int,
                     max_sequence_length: int | None = None, read_on_brief=None) -> tuple[list[Ranking], torch.Tensor]:
     """Sample ``k`` candidates per brief from the current pipeline and rank them by the group's reward
-    (``read_on_brief``: on-brief candidates first, ``ranking_order``); the latents ``[briefs, k, C, H, W]``
-    as the family trains on them (``ranking_latents``)."""
-    from reward.scoring import score_images
-
-    model, embedder = scorer
+    (``scorer``: ``group_scorer``; ``read_on_brief``: on-brief candidates first, ``ranking_order``); the latents
+    ``[briefs, k, C, H, W]`` as the family trains on them (``ranking_latents``)."""
     rankings, latents = [], []
     for i, brief in enumerate(briefs):
         prompt = build_prompt(brief)
@@ -175,7 +190,7 @@ def sample_rankings(family, pipeline, briefs: list[Brief], group: str, scorer, k
                            generator=generator, output_type="latent").images
         sampled = family.ranking_latents(pipeline, sampled, brief.height, brief.width)
         images = family.decode_latents(pipeline, sampled)
-        rewards = score_images(model, embedder, images, prompt, [group])[group].rewards
+        rewards = scorer(images, prompt, brief)
         ranking, order = ranked(prompt, rewards, read_on_brief(images, brief.article_type) if read_on_brief else None)
         rankings.append(ranking)
         latents.append(sampled[order].float().cpu())
@@ -243,21 +258,20 @@ def click_pairs(rows) -> list[tuple[tuple[str, float], tuple[str, float]]]:
 
 
 @torch.no_grad()
-def rerank(family, pipeline, path: Path, group: str, scorer, article_types: dict[str, str | None] | None = None,
+def rerank(family, pipeline, path: Path, scorer, briefs: dict[str, Brief] | None = None,
            read_on_brief=None) -> tuple[list[Ranking], torch.Tensor]:
     """Another run's round-0 candidates (sampled from the base model, so the same for every group),
-    ranked by this group's reward (and the on-brief guard's reading: ``article_types`` by prompt)."""
-    from reward.scoring import score_images
-
-    model, embedder = scorer
+    ranked by this group's reward (``scorer``) and the on-brief guard's reading (``briefs`` by prompt)."""
+    briefs = briefs or {}
     with safe_open(str(path), framework="pt") as f:
         sampled = [Ranking.model_validate(r) for r in json.loads(f.metadata()["rankings"])]
         all_latents = f.get_tensor("latents")
     rankings, latents = [], []
     for ranking, candidates in zip(sampled, all_latents):
         images = family.decode_latents(pipeline, candidates)
-        rewards = score_images(model, embedder, images, ranking.prompt, [group])[group].rewards
-        on_brief = read_on_brief(images, (article_types or {}).get(ranking.prompt)) if read_on_brief else None
+        brief = briefs.get(ranking.prompt)
+        rewards = scorer(images, ranking.prompt, brief)
+        on_brief = read_on_brief(images, brief.article_type if brief else None) if read_on_brief else None
         reranked, order = ranked(ranking.prompt, rewards, on_brief)
         rankings.append(reranked)
         latents.append(candidates[order])
@@ -275,12 +289,9 @@ def split_validation(briefs: list[Brief], n: int, seed: int) -> tuple[list[Brief
 
 
 @torch.no_grad()
-def validation_reward(family, pipeline, briefs: list[Brief], group: str, scorer, variants: int,
+def validation_reward(family, pipeline, briefs: list[Brief], scorer, variants: int,
                       max_sequence_length: int | None = None) -> float:
     """The group's mean reward of the current policy's images on the validation briefs, fixed seeds."""
-    from reward.scoring import score_images
-
-    model, embedder = scorer
     values = []
     for i, brief in enumerate(briefs):
         prompt = build_prompt(brief)
@@ -289,7 +300,7 @@ def validation_reward(family, pipeline, briefs: list[Brief], group: str, scorer,
         images = pipeline(**kwargs, num_inference_steps=brief.steps, width=brief.width, height=brief.height,
                           generator=[torch.Generator().manual_seed(7_000_003 + 101 * i + v) for v in range(variants)]
                           ).images
-        values += score_images(model, embedder, images, prompt, [group])[group].rewards
+        values += scorer(images, prompt, brief)
     return float(np.mean(values))
 
 
@@ -379,16 +390,27 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     from genshop.pipelines import load_pipeline
     from genshop.presets import load_preset
     from genshop.settings import get_settings
-    from reward.scoring import load_scorer
+    from reward.attribute_reward import AttributeReward, is_attribute_reward
 
     enrich_config = None
-    if config.on_brief and not config.preferences:  # the guard's reader, checked before anything is written
+    # the readers (the guard's, an attribute reward's), checked before anything is written
+    attribute_reward = None
+    if not config.preferences and is_attribute_reward(config.reward):
+        attribute_reward = AttributeReward.from_pretrained(config.reward)
+        if config.group not in attribute_reward.config.groups:
+            raise ValueError(f"the attribute reward {config.reward} knows no group {config.group!r}; it has "
+                             f"{', '.join(attribute_reward.config.groups)}")
+    readers = {} if config.preferences else {
+        **({"--on-brief-reader": config.on_brief_reader} if config.on_brief else {}),
+        **({"the attribute reward's reader": attribute_reward.config.reader} if attribute_reward else {})}
+    if readers:
         from genshop.enrichment import enrich_config_from_settings
 
         enrich_config = enrich_config_from_settings(get_settings())
-        if config.on_brief_reader != "zero-shot" and enrich_config.understanding is None:
-            raise ValueError(f"--on-brief-reader {config.on_brief_reader} needs the understanding folder's heads "
-                             "(GENSHOP_UNDERSTANDING is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
+        for what, reader in readers.items():
+            if reader == "top-tuned" and enrich_config.understanding is None:
+                raise ValueError(f"{what} top-tuned needs the understanding folder's heads (GENSHOP_UNDERSTANDING "
+                                 "is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
     if config.threads:
         torch.set_num_threads(config.threads)
     out = config.out
@@ -425,14 +447,12 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         brief_grid(family, pipeline, briefs, out / "samples-before.png", text_length)
         denoiser.enable_adapters()
 
-    scorer = None if config.preferences else load_scorer(config.reward)
+    scorer = None if config.preferences else group_scorer(config.reward, config.group, enrich_config)
     read_on_brief = None
-    if enrich_config is not None:
+    if config.on_brief and enrich_config is not None:
         from genshop.enrichment import load_enricher
 
-        classifiers = ["zero-shot", "top-tuned"] if config.on_brief_reader == "both" else [config.on_brief_reader]
-        read_on_brief = brief_reader(*[load_enricher(enrich_config.model_copy(update={"classifier": c}))
-                                       for c in classifiers])
+        read_on_brief = brief_reader(load_enricher(enrich_config.model_copy(update={"classifier": config.on_brief_reader})))
     prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
     scale = vae_scale_factor(pipeline)
 
@@ -458,13 +478,13 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             if progress:
                 progress("sample", 0, len(briefs), {"round": round_index})
             if config.rankings_from is not None and round_index == 0:
-                rankings, latents = rerank(family, pipeline, config.rankings_from, config.group, scorer,
-                                           {build_prompt(b): b.article_type for b in briefs}, read_on_brief)
+                rankings, latents = rerank(family, pipeline, config.rankings_from, scorer,
+                                           {build_prompt(b): b for b in briefs}, read_on_brief)
             elif config.preferences:
                 rankings, latents = preference_rankings(family, pipeline, config.preferences, config.group, briefs[0].width,
                                                         briefs[0].height, config.objective)
             else:
-                rankings, latents = sample_rankings(family, pipeline, briefs, config.group, scorer, config.candidates,
+                rankings, latents = sample_rankings(family, pipeline, briefs, scorer, config.candidates,
                                                     config.seed + round_index, text_length, read_on_brief)
             save_file({"latents": latents.contiguous()}, str(rankings_file),
                       metadata={"rankings": json.dumps([r.model_dump() for r in rankings])})
@@ -519,7 +539,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
             if step % config.checkpoint_every == 0 or step == round_end or validate:
                 save_training_state(state_dir, lora, optimizer, step)
             if validate:
-                value = validation_reward(family, pipeline, validation, config.group, scorer,
+                value = validation_reward(family, pipeline, validation, scorer,
                                           config.validation_variants, text_length)
                 append_log(log, {"event": "validation", "round": round_index, "step": step, "mean_reward": value})
                 best = max((r for r in read_log(log) if r.get("event") == "validation"),
@@ -549,6 +569,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         "base_revision": loaded.revision, "steps": saved_steps, "trained_steps": step, "beta": beta,
         "rank": config.rank, "family": family.name, "prediction_type": process.prediction_type,
         "min_margin": config.min_margin, "validation_briefs": config.validation_briefs, "on_brief": config.on_brief,
+        "reward": None if config.preferences else ("attribute" if attribute_reward else "clip"),
         **({"on_brief_reader": config.on_brief_reader} if config.on_brief else {})},
         indent=2))
     brief_grid(family, pipeline, briefs, out / "samples-after.png", text_length)
