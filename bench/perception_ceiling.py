@@ -8,14 +8,15 @@ instead of to what the evaluation judge reads: to the labels each reads, or in e
 over its posteriors (article type x colour, the interactions included; "expected"). No reward trained on clicks can know a group's
 taste better than the simulator that made the clicks, so best-of-N by this "perception"
 selector bounds what any reward built on the product's readers could pick, and so what
-tuning toward such a reward could reach.
+tuning toward such a reward could reach. ``--attribute-reward DIR`` adds the product's own such
+reward (``genshop reward fit-attributes``: the taste learned from clicks, read through its reader).
 
 For each held-out brief, ``--base`` base images (the base arm) and a pool of ``--pool`` more
 (other seeds), made as generation makes them; every figure is the held-out win rate of the
 best-of-N pick against the base arm, in exact expectation over the pool's N-subsets
 (``genshop.tuning.evaluation.best_of_n_weights``), per group and selector.
 
-    python bench/perception_ceiling.py [--briefs 24] [--pool 16] [--steps 12] [--threads 2]
+    python bench/perception_ceiling.py [--briefs 24] [--pool 16] [--steps 12] [--threads 2] [--attribute-reward DIR]
 """
 
 from __future__ import annotations

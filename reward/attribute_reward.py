@@ -11,7 +11,9 @@ the step in two, each learned where it can be learned well:
 2. **Attributes from pixels**: a generated image's utility is the fitted utility in
    expectation over what the enrich stage's classifier reads in it, article type (the
    taxonomy's leaf posterior, which fixes sub and master category) x colour, with the brief's
-   usage and gender.
+   usage and gender. Where the brief names its article type, that type is taken as given
+   (``brief_article_type: fixed``, the default): the reward then weighs only what the brief
+   leaves free, and never pays for drifting to a type the group likes better.
 
 Saved as ``attribute_reward.json`` (groups, features, reader) and ``attribute_reward.safetensors``
 (``weights [groups, features]``, ``no_choice [groups]``, ``brief_colour []``); ``genshop tune --reward DIR`` takes
@@ -43,6 +45,9 @@ class AttributeRewardConfig(BaseModel):
     features: list[str] = Field(description="``attribute=value`` and ``colour=c&attribute=value``, in weight order")
     reader: Literal["zero-shot", "top-tuned"] = Field(
         default="top-tuned", description="the enrich stage's classifier that reads a generated image's attributes")
+    brief_article_type: Literal["fixed", "read"] = Field(
+        default="fixed", description="a brief that names its article type: score every image as that type, so the "
+        "reward weighs only what the brief leaves free (the colour), or read the type from the image as well")
     impressions: int = Field(default=0, description="impressions fitted on")
 
 
@@ -148,7 +153,8 @@ def expected_utilities(utilities: Callable[[pd.DataFrame], np.ndarray], leaf_pos
 
 
 def image_scorer(reward: AttributeReward, enricher) -> Callable[..., dict[str, list[float]]]:
-    """``score(images, usage, gender, groups) -> {group: [utility per image]}`` through ``enricher``'s classifier."""
+    """``score(images, groups, usage, gender, article_type) -> {group: [utility per image]}`` through
+    ``enricher``'s classifier (the brief's fields; ``article_type`` is used as the config's ``brief_article_type`` says)."""
     from genshop.understanding.categorize import HIERARCHY, leaf_log_posterior
 
     taxonomy, classifier = enricher.taxonomy, enricher.classifier
@@ -156,12 +162,16 @@ def image_scorer(reward: AttributeReward, enricher) -> Callable[..., dict[str, l
     parents = {a.name: (a.master_category, a.sub_category) for a in taxonomy.article_types}
     colours = classifier.labels["colour"]
 
-    def score(images, usage: str | None, gender: str | None, groups: list[str]) -> dict[str, list[float]]:
+    def score(images, groups: list[str], usage: str | None = None, gender: str | None = None,
+              article_type: str | None = None) -> dict[str, list[float]]:
         missing = [g for g in groups if g not in reward.config.groups]
         if missing:
             raise ValueError(f"the attribute reward knows no group(s) {missing}; it has {reward.config.groups}")
         log_posteriors = classifier.log_posteriors(enricher.embedder.embed_images(list(images)))
         leaf = np.exp(leaf_log_posterior(log_posteriors, taxonomy, classifier.temperatures.get(HIERARCHY, 1.0)))
+        if article_type in leaves and reward.config.brief_article_type == "fixed":
+            leaf = np.zeros_like(leaf)
+            leaf[:, leaves.index(article_type)] = 1.0
         values = expected_utilities(reward.utilities, leaf, np.exp(log_posteriors["colour"]), leaves, parents,
                                     colours, usage or "", gender or "")
         return {g: values[reward.config.groups.index(g)].tolist() for g in groups}

@@ -81,3 +81,40 @@ def test_fit_attributes_command_writes_the_reward_and_refuses_unknown_products(c
                           str(tmp_path / "refused")], env)
     assert refused.returncode == 2 and "no-such-product" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_images_are_scored_through_a_real_reader_with_the_briefs_article_type_fixed_or_read(clicks, tmp_path,
+                                                                                            open_clip_dir):
+    from PIL import Image
+
+    from genshop.embedding import EmbeddingConfig
+    from genshop.enrichment import EnrichConfig, load_enricher
+    from reward.attribute_reward import image_scorer
+
+    catalog, frame = clicks
+    fixed = fit_attribute_reward(frame, catalog_attributes([catalog]), steps=50)
+    read = AttributeReward(fixed.config.model_copy(update={"brief_article_type": "read"}), fixed.weights,
+                           fixed.no_choice, fixed.brief_colour)
+    enricher = load_enricher(EnrichConfig(embedding=EmbeddingConfig.for_directory(open_clip_dir),
+                                          index_dir=tmp_path / "index"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    brief = {"usage": "Casual", "gender": "Women", "article_type": "Jeans"}
+    as_jeans = image_scorer(fixed, enricher)(images, ["A", "B"], **brief)
+    as_read = image_scorer(read, enricher)(images, ["A", "B"], **brief)
+
+    # fixed: every image is a pair of women's casual jeans; only its colour is read
+    colour = np.exp(enricher.classifier.log_posteriors(enricher.embedder.embed_images(images))["colour"])
+    colours = enricher.classifier.labels["colour"]
+    article = next(a for a in enricher.taxonomy.article_types if a.name == "Jeans")
+    rows = pd.DataFrame([{"article_type": "Jeans", "sub_category": article.sub_category,
+                          "master_category": article.master_category, "colour": c, **brief} for c in colours])
+    for g, group in enumerate(["A", "B"]):
+        want = colour @ fixed.utilities(rows)[fixed.config.groups.index(group)]
+        np.testing.assert_allclose(as_jeans[group], want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(as_read["A"], as_jeans["A"])  # read: the type is read from the image too
+    no_type = {"usage": "Casual", "gender": "Women"}  # a brief without a type: both read it
+    np.testing.assert_allclose(image_scorer(fixed, enricher)(images, ["A"], **no_type)["A"],
+                               image_scorer(read, enricher)(images, ["A"], **no_type)["A"])
+    with pytest.raises(ValueError, match="knows no group"):
+        image_scorer(fixed, enricher)(images, ["Z"])

@@ -143,7 +143,8 @@ def group_scorer(reward_dir: Path, group: str, enrich_config=None):
 
         reward = AttributeReward.from_pretrained(reward_dir)
         score = image_scorer(reward, load_enricher(enrich_config.model_copy(update={"classifier": reward.config.reader})))
-        return lambda images, prompt, brief: score(images, brief and brief.usage, brief and brief.gender, [group])[group]
+        return lambda images, prompt, brief: score(images, [group], **({} if brief is None else {
+            "usage": brief.usage, "gender": brief.gender, "article_type": brief.article_type}))[group]
     from reward.scoring import load_scorer, score_images
 
     model, embedder = load_scorer(reward_dir)
