@@ -237,8 +237,10 @@ def score_command(images, model_dir, groups, brief, clip, batch_size, device, as
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--reader", type=click.Choice(["top-tuned", "zero-shot"]), default="top-tuned", show_default=True,
               help="the enrich stage's classifier that reads a generated image's attributes when it is scored")
+@click.option("--brief-article-type", type=click.Choice(["fixed", "read"]), default="fixed", show_default=True,
+              help="a brief that names its article type: score images as that type (only the colour is read), or read it")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="full-batch Adam steps")
-def fit_attributes_command(impressions, catalog, out, reader, steps) -> None:
+def fit_attributes_command(impressions, catalog, out, reader, brief_article_type, steps) -> None:
     """A group reward over catalog attributes (a conditional logit on the impressions), for `genshop tune --reward`."""
     from reward.attribute_reward import fit_attribute_reward
     from reward.impressions import read_impression_files
@@ -249,7 +251,7 @@ def fit_attributes_command(impressions, catalog, out, reader, steps) -> None:
     try:
         with _progress_bar() as bar:
             on_progress = stage_progress(bar)
-            model = fit_attribute_reward(frame, items, steps=steps, reader=reader,
+            model = fit_attribute_reward(frame, items, steps=steps, reader=reader, brief_article_type=brief_article_type,
                                          progress=lambda done, total: on_progress("fit", done, total))
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None

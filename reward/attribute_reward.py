@@ -99,8 +99,8 @@ def is_attribute_reward(path: str | Path) -> bool:
 
 
 def fit_attribute_reward(impressions: pd.DataFrame, items: pd.DataFrame, steps: int = 300, lr: float = 0.05,
-                         l2: float = 1e-5, reader: str = "top-tuned", progress: ProgressCallback | None = None
-                         ) -> AttributeReward:
+                         l2: float = 1e-5, reader: str = "top-tuned", brief_article_type: str = "fixed",
+                         progress: ProgressCallback | None = None) -> AttributeReward:
     """Maximum likelihood on ``impressions`` (``group_id``, ``brief``, ``items``: product ids shown, ``chosen``: one
     of them or empty) of the catalog rows ``items`` (``product_id`` and the attributes); full-batch Adam."""
     names = item_features(items)
@@ -135,7 +135,8 @@ def fit_attribute_reward(impressions: pd.DataFrame, items: pd.DataFrame, steps: 
         optimizer.step()
         if progress:
             progress(step + 1, steps)
-    config = AttributeRewardConfig(groups=groups, features=features, reader=reader, impressions=len(impressions))
+    config = AttributeRewardConfig(groups=groups, features=features, reader=reader,
+                                   brief_article_type=brief_article_type, impressions=len(impressions))
     return AttributeReward(config, weights.detach().numpy(), no_choice.detach().numpy(), float(colour_weight.detach()))
 
 

@@ -70,9 +70,10 @@ def test_fit_attributes_command_writes_the_reward_and_refuses_unknown_products(c
     impressions = write_impressions(frame.iloc[:3000], tmp_path / "clicks.parquet")
     out = tmp_path / "reward"
     result = invoke_cli(["reward", "fit-attributes", str(impressions), "--catalog", str(catalog), "--out", str(out),
-                         "--steps", "20", "--reader", "zero-shot"], env)
+                         "--steps", "20", "--reader", "zero-shot", "--brief-article-type", "read"], env)
     assert result.returncode == 0, result.stderr
-    assert AttributeReward.from_pretrained(out).config.reader == "zero-shot"
+    config = AttributeReward.from_pretrained(out).config
+    assert config.reader == "zero-shot" and config.brief_article_type == "read" and config.impressions == 3000
 
     stranger = frame.iloc[:10].copy()
     stranger.at[stranger.index[0], "items"] = ["no-such-product", *stranger.iloc[0]["items"][1:]]
