@@ -13,7 +13,8 @@ the step in two, each learned where it can be learned well:
    taxonomy's leaf posterior, which fixes sub and master category) x colour, with the brief's
    usage and gender. Where the brief names its article type, that type is taken as given
    (``brief_article_type: fixed``, the default): the reward then weighs only what the brief
-   leaves free, and never pays for drifting to a type the group likes better.
+   leaves free, and never pays for drifting to a type the group likes better; ``on_brief_weight``
+   adds that weight times the log-probability the reader gives the brief's type.
 
 Saved as ``attribute_reward.json`` (groups, features, reader) and ``attribute_reward.safetensors``
 (``weights [groups, features]``, ``no_choice [groups]``, ``brief_colour []``); ``genshop tune --reward DIR`` takes
@@ -48,6 +49,8 @@ class AttributeRewardConfig(BaseModel):
     brief_article_type: Literal["fixed", "read"] = Field(
         default="fixed", description="a brief that names its article type: score every image as that type, so the "
         "reward weighs only what the brief leaves free (the colour), or read the type from the image as well")
+    on_brief_weight: float = Field(default=0.0, ge=0, description="plus this times the log-probability the reader "
+                                   "gives the brief's article type: the more surely on brief, the better")
     impressions: int = Field(default=0, description="impressions fitted on")
 
 
@@ -169,12 +172,16 @@ def image_scorer(reward: AttributeReward, enricher) -> Callable[..., dict[str, l
         if missing:
             raise ValueError(f"the attribute reward knows no group(s) {missing}; it has {reward.config.groups}")
         log_posteriors = classifier.log_posteriors(enricher.embedder.embed_images(list(images)))
-        leaf = np.exp(leaf_log_posterior(log_posteriors, taxonomy, classifier.temperatures.get(HIERARCHY, 1.0)))
-        if article_type in leaves and reward.config.brief_article_type == "fixed":
-            leaf = np.zeros_like(leaf)
-            leaf[:, leaves.index(article_type)] = 1.0
+        log_leaf = leaf_log_posterior(log_posteriors, taxonomy, classifier.temperatures.get(HIERARCHY, 1.0))
+        leaf = np.exp(log_leaf)
+        on_brief = np.zeros(len(leaf))
+        if article_type in leaves:
+            on_brief = reward.config.on_brief_weight * log_leaf[:, leaves.index(article_type)]
+            if reward.config.brief_article_type == "fixed":
+                leaf = np.zeros_like(leaf)
+                leaf[:, leaves.index(article_type)] = 1.0
         values = expected_utilities(reward.utilities, leaf, np.exp(log_posteriors["colour"]), leaves, parents,
-                                    colours, usage or "", gender or "")
+                                    colours, usage or "", gender or "") + on_brief
         return {g: values[reward.config.groups.index(g)].tolist() for g in groups}
 
     return score

@@ -90,6 +90,7 @@ def test_images_are_scored_through_a_real_reader_with_the_briefs_article_type_fi
 
     from genshop.embedding import EmbeddingConfig
     from genshop.enrichment import EnrichConfig, load_enricher
+    from genshop.understanding.categorize import HIERARCHY, leaf_log_posterior
     from reward.attribute_reward import image_scorer
 
     catalog, frame = clicks
@@ -114,6 +115,13 @@ def test_images_are_scored_through_a_real_reader_with_the_briefs_article_type_fi
         want = colour @ fixed.utilities(rows)[fixed.config.groups.index(group)]
         np.testing.assert_allclose(as_jeans[group], want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(as_read["A"], as_jeans["A"])  # read: the type is read from the image too
+    surely_jeans = AttributeReward(fixed.config.model_copy(update={"on_brief_weight": 2.0}), fixed.weights,
+                                   fixed.no_choice, fixed.brief_colour)
+    log_leaf = leaf_log_posterior(enricher.classifier.log_posteriors(enricher.embedder.embed_images(images)),
+                                  enricher.taxonomy, enricher.classifier.temperatures.get(HIERARCHY, 1.0))
+    jeans = enricher.taxonomy.labels("article_type").index("Jeans")
+    np.testing.assert_allclose(image_scorer(surely_jeans, enricher)(images, ["A"], **brief)["A"],
+                               np.array(as_jeans["A"]) + 2.0 * log_leaf[:, jeans], rtol=1e-6, atol=1e-6)
     no_type = {"usage": "Casual", "gender": "Women"}  # a brief without a type: both read it
     np.testing.assert_allclose(image_scorer(fixed, enricher)(images, ["A"], **no_type)["A"],
                                image_scorer(read, enricher)(images, ["A"], **no_type)["A"])
