@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -65,7 +66,7 @@ def candidate_seed(brief_seed: int, variant: int, candidate: int) -> int:
     return (brief_seed + variant + 1_000_003 * candidate) % (MAX_SEED + 1)
 
 
-Scorer = Callable[[list[Image.Image], str, "str | None"], list[float]]  # (images, prompt, group) -> rewards
+Scorer = Callable[[list[Image.Image], str, Brief, "str | None"], list[float]]  # (images, prompt, brief, group) -> rewards
 
 
 def variant_group(brief: Brief, variant: int) -> str | None:
@@ -122,7 +123,7 @@ def generate_batch(
         candidates, candidate_seeds = images[i * n:(i + 1) * n], seeds[i * n:(i + 1) * n]
         group = variant_group(brief, v)
         scoring = time.perf_counter()
-        scores = [float(x) for x in scorer(candidates, prompt, group)]
+        scores = [float(x) for x in scorer(candidates, prompt, brief, group)]
         scored_s = time.perf_counter() - scoring
         order = sorted(range(n), key=lambda c: (-scores[c], c))  # best first; ties to the lower candidate
         top = order[0]
@@ -195,15 +196,21 @@ def generate_across_briefs(
 
 
 def reward_scorer(model_dir) -> Scorer:
-    """A best-of-N scorer from a reward model folder: each candidate's reward for the group
-    (a brief without groups, or an unknown group: the model's population fallback)."""
+    """A best-of-N scorer from a reward folder (``reward.scoring.load_image_reward``: a CLIP reward model, or an
+    attribute reward read through the settings' enrich stage): each candidate's reward for the variant's group.
+    A brief without groups, or a group the reward does not know, is scored as the population: the CLIP model's
+    fallback, or the mean of the attribute reward's groups."""
     from reward.groups import POPULATION
-    from reward.scoring import load_scorer, score_images
+    from reward.scoring import load_image_reward
 
-    model, embedder = load_scorer(model_dir)
+    reward = load_image_reward(model_dir)
 
-    def score(images: list[Image.Image], prompt: str, group: str | None) -> list[float]:
-        key = group or POPULATION
-        return score_images(model, embedder, images, prompt, [key])[key].rewards
+    def score(images: list[Image.Image], prompt: str, brief: Brief, group: str | None) -> list[float]:
+        if reward.groups is None:
+            key = group or POPULATION
+            return reward.score(images, prompt, brief, [key])[key]
+        if group in reward.groups:
+            return reward.score(images, prompt, brief, [group])[group]
+        return np.mean(list(reward.score(images, prompt, brief, reward.groups).values()), axis=0).tolist()
 
     return score

@@ -150,13 +150,14 @@ _best_of_scorers: dict = {}
 
 
 def best_of_scorer():
-    """The reward model of the settings (``GENSHOP_REWARD_MODEL``) as a best-of-N scorer, loaded once."""
+    """The settings' best-of-N reward (``GENSHOP_BEST_OF_REWARD``, default ``GENSHOP_REWARD_MODEL``) as a scorer,
+    loaded once."""
     from genshop.generation import reward_scorer
     from genshop.settings import get_settings
 
-    folder = get_settings().reward_model
+    folder = get_settings().best_of_reward
     if folder is None:
-        raise ValueError("a best-of-N brief needs a reward model (GENSHOP_REWARD_MODEL is off)")
+        raise ValueError("a best-of-N brief needs a reward (GENSHOP_BEST_OF_REWARD and GENSHOP_REWARD_MODEL are off)")
     if folder not in _best_of_scorers:
         _best_of_scorers[folder] = reward_scorer(folder)
     return _best_of_scorers[folder]

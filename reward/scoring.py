@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,42 @@ def score_images(model: RewardModel, embedder: Embedder, images: Sequence[Image.
     image_embeddings = embedder.embed_images([as_image(image) for image in images])
     brief_embedding = embedder.embed_texts([brief_text])[0]
     return score_embeddings(model, image_embeddings, brief_embedding, list(dict.fromkeys(group_ids)))
+
+
+@dataclass(frozen=True)
+class ImageReward:
+    """The reward a tuning run, ``tune eval`` or best-of-N serving ranks images by, whichever kind its folder holds:
+    ``score(images, prompt, brief, groups) -> {group: [reward per image]}`` (``brief``: the resolved Brief, or None)."""
+
+    score: Callable[..., dict[str, list[float]]]
+    embedder: Embedder  # the CLIP it reads images with (``tune eval`` measures diversity in its space)
+    groups: tuple[str, ...] | None  # an attribute reward's groups; None: a CLIP reward model (the population for others)
+
+
+def load_image_reward(reward_dir: str | Path, enrich_config=None) -> ImageReward:
+    """A CLIP reward model folder (``load_scorer``), or an attribute reward (``reward.attribute_reward``: a folder
+    with ``attribute_reward.json``) read through the enrich stage of ``enrich_config`` (default: the settings')
+    with the reward's reader."""
+    from reward.attribute_reward import AttributeReward, image_scorer, is_attribute_reward
+
+    if is_attribute_reward(Path(reward_dir)):
+        from genshop.enrichment import enrich_config_from_settings, load_enricher
+        from genshop.settings import get_settings
+
+        reward = AttributeReward.from_pretrained(reward_dir)
+        config = enrich_config or enrich_config_from_settings(get_settings())
+        enricher = load_enricher(config.model_copy(update={"classifier": reward.config.reader}))
+        read = image_scorer(reward, enricher)
+
+        def score_attributes(images, prompt, brief, groups):
+            fields = {} if brief is None else {"usage": brief.usage, "gender": brief.gender,
+                                               "article_type": brief.article_type}
+            return read(images, list(groups), **fields)
+
+        return ImageReward(score_attributes, enricher.embedder, tuple(reward.config.groups))
+    model, embedder = load_scorer(reward_dir)
+
+    def score_clip(images, prompt, brief, groups):
+        return {g: s.rewards for g, s in score_images(model, embedder, images, prompt, groups).items()}
+
+    return ImageReward(score_clip, embedder, None)

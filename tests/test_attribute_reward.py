@@ -127,3 +127,38 @@ def test_images_are_scored_through_a_real_reader_with_the_briefs_article_type_fi
                                image_scorer(read, enricher)(images, ["A"], **no_type)["A"])
     with pytest.raises(ValueError, match="knows no group"):
         image_scorer(fixed, enricher)(images, ["Z"])
+
+
+def test_best_of_n_keeps_each_variants_top_by_an_attribute_reward(clicks, env, tmp_path, open_clip_dir, monkeypatch):
+    from genshop.briefs import parse_brief, resolve_brief
+    from genshop.enrichment import enrich_config_from_settings, load_enricher
+    from genshop.generation import generate_batch, reward_scorer
+    from genshop.pipelines import load_pipeline
+    from genshop.presets import load_preset
+    from genshop.settings import get_settings
+    from reward.attribute_reward import image_scorer
+    from reward.scoring import load_image_reward
+
+    catalog, frame = clicks
+    reward = fit_attribute_reward(frame, catalog_attributes([catalog]), steps=50, reader="zero-shot")
+    folder = reward.save_pretrained(tmp_path / "attribute-reward")
+    monkeypatch.setenv("GENSHOP_EMBEDDING_MODEL", str(open_clip_dir))
+    monkeypatch.setenv("GENSHOP_UNDERSTANDING", "off")
+    monkeypatch.setenv("GENSHOP_BEST_OF_REWARD", str(folder))
+    get_settings.cache_clear()
+    assert get_settings().best_of_reward == folder.resolve()
+    assert load_image_reward(folder).groups == tuple(reward.config.groups)
+    scorer = reward_scorer(get_settings().best_of_reward)
+    read = image_scorer(reward, load_enricher(enrich_config_from_settings(get_settings())))
+    brief = resolve_brief(parse_brief({"title": "Jeans", "article_type": "Jeans", "usage": "Casual",
+                                       "gender": "Women", "variants": 3, "best_of": 3, "seed": 2, "steps": 2,
+                                       "groups": ["A", "Z"]}), load_preset("tiny-random"))
+    kept = generate_batch(load_pipeline("tiny-random"), brief, [0, 1], scorer=scorer)
+    fields = {"usage": "Casual", "gender": "Women", "article_type": "Jeans"}
+    for generated, group in zip(kept, ["A", "Z"]):
+        record = generated.best_of
+        assert record["group"] == group and record["kept"] == int(np.argmax(record["scores"]))
+        utilities = read([generated.image], reward.config.groups, **fields)
+        # a known group: its utility; one the reward does not know: the mean of its groups' (the population)
+        want = utilities["A"][0] if group == "A" else np.mean([utilities[g][0] for g in reward.config.groups])
+        assert want == pytest.approx(max(record["scores"]), abs=1e-4)

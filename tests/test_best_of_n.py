@@ -39,7 +39,7 @@ def test_best_of_n_makes_all_candidates_in_one_call_and_keeps_each_groups_top(en
         assert record["seeds"][0] == variant_seed(brief.seed, generated.variant)  # candidate 0: the usual image
         assert record["kept"] == int(np.argmax(record["scores"])) and generated.seed == record["seeds"][record["kept"]]
         assert sorted(record["ranks"]) == [1, 2, 3] and record["ranks"][record["kept"]] == 1
-        assert scorer([generated.image], generated.prompt, group)[0] == pytest.approx(max(record["scores"]), abs=1e-4)
+        assert scorer([generated.image], generated.prompt, brief, group)[0] == pytest.approx(max(record["scores"]), abs=1e-4)
         assert generated.timings["candidates"] == 3.0
     with pytest.raises(ValueError, match="reward model"):
         generate_batch(loaded, brief, [0])

@@ -646,6 +646,18 @@ def test_kto_tunes_from_clicks_and_choices_and_the_guards_log_what_they_did(tmp_
     assert [r["rewards"] for r in ranked_attribute] != [r["rewards"] for r in ranked_a]  # not the CLIP reward's
     record = json.loads((tmp_path / "attribute-A" / "adapter" / "genshop_adapter.json").read_text())
     assert record["reward"] == "attribute" and saved["reward"] == "clip"
+    # tune eval judges it against best-of-N by the same attribute reward
+    eval_args = ["tune", "eval", "--group", "A", "--adapter", str(tmp_path / "attribute-A" / "adapter"), "--briefs",
+                 str(briefs), "--reward", str(attribute_dir), "--variants", "2", "--inference-steps", "2",
+                 "--best-of", "2", "--pool", "3", "--json", str(tmp_path / "attribute-eval.json")]
+    unknown_group = invoke_cli([*eval_args[:3], "C", *eval_args[4:]], enrich_env)
+    assert unknown_group.returncode != 0 and "knows no group(s) ['C']" in (unknown_group.stdout + unknown_group.stderr)
+    result = invoke_cli(eval_args, enrich_env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads((tmp_path / "attribute-eval.json").read_text())  # one group: one report
+    ceiling = {c["selector"]: c for c in report["ceilings"]}
+    assert ceiling["reward"]["reward_win_rate"] >= ceiling["oracle"]["reward_win_rate"] - 1e-9  # picked by it
+    assert 0 <= report["reward_win_rate"] <= 1 and "beats_best_of_4" not in report["passed"]
 
 
 def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):

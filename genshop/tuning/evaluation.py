@@ -7,7 +7,8 @@ both arms.
 For every brief, ``variants`` images from the base model and from the tuned one, with the
 same seeds, are compared pairwise:
 
-- **reward win rate**: the training reward model prefers the tuned image (ties count half);
+- **reward win rate**: the training reward (a CLIP reward model, or an attribute reward:
+  ``reward.scoring.load_image_reward``) prefers the tuned image (ties count half);
 - **held-out win rate**: a judgement the tuning never saw: the simulator's hidden utility of
   the group (``configs/groups.yaml``) applied to the attributes the evaluation-only judge
   detects in each image (master category, article type, colour; sub-category from the
@@ -62,7 +63,7 @@ class TuneEvalConfig(BaseModel):
     adapter: Path | None = Field(default=None, description="the group's LoRA folder (diffusers format); "
                                  "none: the base and the ceilings only")
     briefs: Path = Field(description="held-out briefs (YAML list)")
-    reward: Path
+    reward: Path = Field(description="the training reward: a CLIP reward model folder or an attribute reward folder")
     judge: Path = BUNDLE_DIR / "judge"
     groups: Path = REPO_ROOT / "configs" / "groups.yaml"
     taxonomy: Path = REPO_ROOT / "configs" / "understanding" / "taxonomy.yaml"
@@ -167,7 +168,7 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
     from genshop.settings import get_settings
     from genshop.tuning.tune import load_tune_briefs
     from genshop.understanding.taxonomy import load_taxonomy
-    from reward.scoring import load_scorer, score_images
+    from reward.scoring import load_image_reward
     from reward.simulator import item_utilities, load_simulator_spec
 
     if config.adapter is not None and len(groups) != 1:
@@ -187,7 +188,10 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
         adapters = {"eval": config.adapter}
         pipeline.load_lora_weights(str(config.adapter), adapter_name=adapter_name("eval"))
         arms.append("tuned")
-    model, embedder = load_scorer(config.reward)
+    reward = load_image_reward(config.reward)  # a CLIP reward model or an attribute reward
+    unknown = [g for g in groups if reward.groups is not None and g not in reward.groups]
+    if unknown:
+        raise ValueError(f"the attribute reward {config.reward} knows no group(s) {unknown}; it has {list(reward.groups)}")
     judge = JudgeModel.from_pretrained(config.judge)
     spec = load_simulator_spec(config.groups)
     for group in groups:
@@ -205,7 +209,7 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
 
     def read(images, brief, prompt, asked):
         """Per group ``[n]`` rewards and utilities, and the fidelity matches of the images."""
-        scores = score_images(model, embedder, images, prompt, groups)
+        scores = reward.score(images, prompt, brief, groups)
         frame = _judged_frame(judge, images, brief, parents)
         utility = item_utilities(spec, frame)[rows]
         if brief.colour:
@@ -213,7 +217,7 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
                                                            ).to_numpy()
         matches = [{column: frame[column].iloc[i] == wanted for column, wanted in asked.items() if wanted}
                    for i in range(len(images))]
-        return np.array([scores[g].rewards for g in groups]), utility, matches
+        return np.array([scores[g] for g in groups]), utility, matches
 
     # per arm: [groups, briefs, variants] rewards and utilities; matches per image
     rewards = {arm: [] for arm in arms}
@@ -234,7 +238,7 @@ def evaluate_groups(config: TuneEvalConfig, groups: list[str], progress: Progres
             rewards[arm].append(r)
             utilities[arm].append(u)
             matches[arm] += m
-            vectors = embedder.embed_images(images)
+            vectors = reward.embedder.embed_images(images)
             diversity[arm].append(mean_pairwise_distance(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)))
         if pool_size:
             use_group(pipeline, None, adapters)

@@ -133,22 +133,12 @@ def ranked(prompt: str, rewards: list[float], on_brief: list[bool] | None = None
 
 
 def group_scorer(reward_dir: Path, group: str, enrich_config=None):
-    """``score(images, prompt, brief) -> [reward per image]`` of ``group``: by the CLIP reward model in
-    ``reward_dir``, or by an attribute reward (``reward.attribute_reward``: a folder with ``attribute_reward.json``)
-    through its reader, the enrich stage's classifier of ``enrich_config``."""
-    from reward.attribute_reward import AttributeReward, image_scorer, is_attribute_reward
+    """``score(images, prompt, brief) -> [reward per image]`` of ``group`` by the reward in ``reward_dir`` (a CLIP
+    reward model, or an attribute reward read through the enrich stage of ``enrich_config``: ``load_image_reward``)."""
+    from reward.scoring import load_image_reward
 
-    if is_attribute_reward(reward_dir):
-        from genshop.enrichment import load_enricher
-
-        reward = AttributeReward.from_pretrained(reward_dir)
-        score = image_scorer(reward, load_enricher(enrich_config.model_copy(update={"classifier": reward.config.reader})))
-        return lambda images, prompt, brief: score(images, [group], **({} if brief is None else {
-            "usage": brief.usage, "gender": brief.gender, "article_type": brief.article_type}))[group]
-    from reward.scoring import load_scorer, score_images
-
-    model, embedder = load_scorer(reward_dir)
-    return lambda images, prompt, brief: score_images(model, embedder, images, prompt, [group])[group].rewards
+    reward = load_image_reward(reward_dir, enrich_config)
+    return lambda images, prompt, brief: reward.score(images, prompt, brief, [group])[group]
 
 
 def brief_reader(enricher):
