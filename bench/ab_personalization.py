@@ -1,5 +1,5 @@
 """The personalization A/B readout: per customer group, arms control=catalog, base, best-of-8
-(by the reward) and tuned (the group's LoRA), through the product's own path: briefs generated
+(by the reward, or by `--best-of-reward`) and tuned (the group's LoRA, where it has one), through the product's own path: briefs generated
 by the in-process worker (generate, enrich, score), then `genshop export ab`, `simulate ab`,
 `import ab-results` and `report ab`. Prints each group's CTR and CTR uplift against the catalog
 control and against the base model, with 95% intervals.
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many held-out briefs")
     parser.add_argument("--variants", type=int, default=2)
     parser.add_argument("--best-of", type=int, default=8)
+    parser.add_argument("--best-of-reward", type=Path, default=None,
+                        help="the reward that keeps the best-of-N candidates (GENSHOP_BEST_OF_REWARD: a CLIP reward "
+                             "model or an attribute reward folder; default: the bundle's reward model)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--customers", type=int, default=40_000)
     parser.add_argument("--phase", choices=["candidates", "all"], default="all")
@@ -55,6 +58,9 @@ def main() -> None:
 
     home = (args.out / "home").resolve()
     os.environ.update(GENSHOP_HOME=str(home), GENSHOP_ADAPTERS=str(args.adapters.resolve()), GENSHOP_PRESET="mini")
+    if args.best_of_reward:
+        os.environ["GENSHOP_BEST_OF_REWARD"] = str(args.best_of_reward.resolve())
+    kept_by = args.best_of_reward.name if args.best_of_reward else "reward"  # best-of briefs of another reward differ
     env = dict(os.environ)
     groups = args.groups.split(",")
     entries, per_type = [], {}
@@ -78,20 +84,21 @@ def main() -> None:
     tuned_models = local if args.phase == "all" else None
     base_models = LocalModels(pipeline=load_pipeline("mini", adapters=False), scorer=local.scorer,
                               enricher=local.enricher)
-    if tuned_models is not None:
-        missing = [g for g in groups if g not in tuned_models.pipeline.adapters]
-        if missing:
-            raise SystemExit(f"no adapter for group(s) {', '.join(missing)} under {args.adapters}")
+    tuned_groups = [g for g in groups if tuned_models is not None and g in tuned_models.pipeline.adapters]
+    if tuned_models is not None and tuned_groups != groups:
+        print(f"no adapter under {args.adapters} for group(s) {', '.join(g for g in groups if g not in tuned_groups)}: "
+              "no tuned arm (they get the base model)")
     arms = {"base": (base_models, {"groups": []}),
             **{f"best{args.best_of}-{g}": (base_models, {"groups": [g], "best_of": args.best_of}) for g in groups},
-            **({f"tuned-{g}": (tuned_models, {"groups": [g]}) for g in groups} if tuned_models else {})}
+            **{f"tuned-{g}": (tuned_models, {"groups": [g]}) for g in tuned_groups}}
     made: dict[str, list[str]] = {}
     with Progress() as bar:
         task = bar.add_task("briefs", total=len(arms) * len(entries))
         for arm, (models, fields) in arms.items():
             for number, entry in enumerate(entries):
                 brief = parse_brief({**entry, **fields, "variants": args.variants, "steps": args.steps,
-                                     "seed": 1000 + 10 * number, "client_reference": f"ab16/{arm}/{number}"})
+                                     "seed": 1000 + 10 * number, "client_reference":
+                                     f"ab16/{arm}{'/' + kept_by if 'best_of' in fields else ''}/{number}"})
                 record, created = submit_brief(store, brief, "mini")
                 if created or record.status != "succeeded":
                     record = run_locally(store, record.id, models)
@@ -105,25 +112,28 @@ def main() -> None:
     rows = []
     for g in groups:
         experiment = f"ab16-{g}"
-        brief_ids = made["base"] + made[f"best{args.best_of}-{g}"] + made[f"tuned-{g}"]
+        tuned = g in tuned_groups
+        brief_ids = made["base"] + made[f"best{args.best_of}-{g}"] + (made[f"tuned-{g}"] if tuned else [])
         export = args.out / experiment
         cli(["export", "ab", "--briefs", ",".join(brief_ids), "--out", str(export), "--salt", "ab16", "--force",
-             "--arms", f"control=catalog,base=model:{base_id},best{args.best_of}=best-of:{args.best_of},"
-                       f"tuned=model:{base_id}+lora:{g}", "--json"], env)
+             "--arms", f"control=catalog,base=model:{base_id},best{args.best_of}=best-of:{args.best_of}"
+                       + (f",tuned=model:{base_id}+lora:{g}" if tuned else ""), "--json"], env)
         results = args.out / f"{experiment}-results.parquet"
         cli(["simulate", "ab", experiment, "--customers", str(args.customers), "--out", str(results)], env)
         cli(["import", "ab-results", str(results), "--replace", "--json"], env)
         report = json.loads(cli(["report", "ab", experiment, "--json"], env))
         readouts = {(r["arm"], r["group"]): r for r in report["groups"]}
-        for arm in ("control", "base", f"best{args.best_of}", "tuned"):
+        arms_of_g = ("control", "base", f"best{args.best_of}", *(["tuned"] if tuned else []))
+        for arm in arms_of_g:
             rows.append((g, arm, readouts[arm, g]))
         base = readouts["base", g]
-        for arm in (f"best{args.best_of}", "tuned"):  # against the base model: the same listings' counts
+        for arm in arms_of_g[2:]:  # against the base model: the same listings' counts
             other = readouts[arm, g]
             rows.append((g, f"{arm} vs base", {"ctr_uplift": relative_vs(other, base), "impressions": other["impressions"],
                                                 "ctr": other["ctr"]}))
     print(f"\n{len(entries)} held-out briefs x {args.variants} variants per arm, {args.steps} steps, "
-          f"{args.customers} simulated customers per experiment (one experiment per group)\n")
+          f"{args.customers} simulated customers per experiment (one experiment per group); best-of-{args.best_of} "
+          f"kept by {args.best_of_reward or 'the bundle reward model'}\n")
     print("| group | arm | impressions | CTR | CTR uplift [95% CI] |")
     print("|---|---|---|---|---|")
     for g, arm, r in rows:

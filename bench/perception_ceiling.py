@@ -8,15 +8,15 @@ instead of to what the evaluation judge reads: to the labels each reads, or in e
 over its posteriors (article type x colour, the interactions included; "expected"). No reward trained on clicks can know a group's
 taste better than the simulator that made the clicks, so best-of-N by this "perception"
 selector bounds what any reward built on the product's readers could pick, and so what
-tuning toward such a reward could reach. ``--attribute-reward DIR`` adds the product's own such
-reward (``genshop reward fit-attributes``: the taste learned from clicks, read through its reader).
+tuning toward such a reward could reach. (The product's own such reward, fitted on clicks, is
+``genshop reward fit-attributes``; ``genshop tune eval --reward`` gives best-of-N by it.)
 
 For each held-out brief, ``--base`` base images (the base arm) and a pool of ``--pool`` more
 (other seeds), made as generation makes them; every figure is the held-out win rate of the
 best-of-N pick against the base arm, in exact expectation over the pool's N-subsets
 (``genshop.tuning.evaluation.best_of_n_weights``), per group and selector.
 
-    python bench/perception_ceiling.py [--briefs 24] [--pool 16] [--steps 12] [--threads 2] [--attribute-reward DIR]
+    python bench/perception_ceiling.py [--briefs 24] [--pool 16] [--steps 12] [--threads 2]
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attribute-reward", type=Path, default=None,
-                        help="also pick by this attribute reward (`genshop reward fit-attributes`) through its reader")
     parser.add_argument("--reads", type=Path, default=None, help="save every image's readings here (parquet)")
     args = parser.parse_args()
 
@@ -57,7 +55,7 @@ def main() -> None:
     from genshop.tuning.tune import load_tune_briefs
     from genshop.understanding.categorize import leaf_log_posterior
     from genshop.understanding.taxonomy import load_taxonomy
-    from reward.attribute_reward import AttributeReward, expected_utilities
+    from reward.attribute_reward import expected_utilities
     from reward.scoring import load_scorer, score_images
     from reward.simulator import item_utilities, load_simulator_spec
 
@@ -76,11 +74,6 @@ def main() -> None:
     parents = {a.name: (a.master_category, a.sub_category) for a in taxonomy.article_types}
     leaves = taxonomy.labels("article_type")
     true_utilities = lambda items: item_utilities(spec, items)  # noqa: E731
-    learned = None
-    if args.attribute_reward:
-        learned = AttributeReward.from_pretrained(args.attribute_reward)
-        order = [learned.config.groups.index(g) for g in groups]
-        learned_utilities = lambda items: learned.utilities(items)[order]  # noqa: E731
 
     def perceived(found, brief):
         """The judge frame's columns, as a product reader reads them."""
@@ -109,8 +102,6 @@ def main() -> None:
             embeddings, found = understand_images(reader, images)
             frames[name] = perceived(found, brief)
             expectations[f"{name} expected"] = expected(reader, embeddings, brief, true_utilities)
-            if learned is not None and learned.config.reader == name:
-                expectations["attribute reward"] = expected(reader, embeddings, brief, learned_utilities)
         utilities = {**{name: item_utilities(spec, frame) for name, frame in frames.items()}, **expectations}
         scores = score_images(model, embedder, images, build_prompt(brief), groups)
         for i in range(len(images)):
@@ -124,7 +115,7 @@ def main() -> None:
     if args.reads:
         frame.to_parquet(args.reads)
 
-    selectors = ["reward", *(["attribute reward"] if learned else []), "zero-shot", "zero-shot expected", "top-tuned",
+    selectors = ["reward", "zero-shot", "zero-shot expected", "top-tuned",
                  "top-tuned expected", "oracle"]
     sizes = [int(n) for n in args.best_of.split(",") if n]
     print(f"{len(briefs)} held-out briefs x ({args.base} base + {args.pool} pool) images, {args.steps} steps; "

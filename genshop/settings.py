@@ -42,7 +42,9 @@ class Settings(BaseModel):
                                                   "bundle's); 'off': no scoring")
     best_of_reward: Path | None = Field(description="GENSHOP_BEST_OF_REWARD: the reward that keeps a best-of-N "
                                                     "brief's top candidates: a CLIP reward model or an attribute "
-                                                    "reward folder (default: GENSHOP_REWARD_MODEL)")
+                                                    "reward folder (default: the bundle's attribute reward "
+                                                    "where the reward model and the enrich stage are the "
+                                                    "bundle's, else GENSHOP_REWARD_MODEL)")
     enrich_queue: str = Field(description="GENSHOP_ENRICH_QUEUE: the Celery queue for enrich tasks")
     embedding_model: Path | None = Field(description="GENSHOP_EMBEDDING_MODEL: CLIP folder of the enrich stage "
                                                      "(default: the bundle's); 'off': no enrich stage")
@@ -138,6 +140,10 @@ def get_settings() -> Settings:
     home = Path(_env("GENSHOP_HOME", str(Path.home() / ".genshop"))).expanduser().resolve()
     broker = _env("GENSHOP_BROKER_URL", "redis://127.0.0.1:6379/0")
     reward_model = _optional_path("GENSHOP_REWARD_MODEL", BUNDLE_DIR / "reward")
+    bundle_models = not any(_env(name, "") for name in ("GENSHOP_REWARD_MODEL", "GENSHOP_EMBEDDING_MODEL",
+                                                        "GENSHOP_UNDERSTANDING"))
+    # the bundle's attribute reward reads images through the bundle's enrich stage
+    best_of_reward = BUNDLE_DIR / "attribute-reward" if bundle_models else reward_model
     hard = int(_env("GENSHOP_HARD_TIME_LIMIT", "1800"))
     visibility = int(_env("GENSHOP_VISIBILITY_TIMEOUT", str(2 * hard)))
     return Settings(
@@ -153,7 +159,7 @@ def get_settings() -> Settings:
         queue=_env("GENSHOP_QUEUE", "generate"),
         score_queue=_env("GENSHOP_SCORE_QUEUE", "score"),
         reward_model=reward_model,
-        best_of_reward=_optional_path("GENSHOP_BEST_OF_REWARD", reward_model),
+        best_of_reward=_optional_path("GENSHOP_BEST_OF_REWARD", best_of_reward),
         enrich_queue=_env("GENSHOP_ENRICH_QUEUE", "enrich"),
         embedding_model=_optional_path("GENSHOP_EMBEDDING_MODEL", BUNDLE_DIR / "clip"),
         understanding=_optional_path("GENSHOP_UNDERSTANDING", BUNDLE_DIR / "understanding"),

@@ -43,3 +43,33 @@ def test_the_bundle_ships_at_most_one_mini_lora_per_group_and_stays_within_60_mi
         assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_RECORD, LORA_WEIGHTS])
         assert json.loads((folder / ADAPTER_RECORD).read_text())["group"] == group
     assert sum(p.stat().st_size for p in BUNDLE_DIR.rglob("*") if p.is_file()) <= 60 * 2**20
+
+
+def test_the_bundles_attribute_reward_knows_each_groups_taste_and_keeps_best_of_n_by_default(tmp_path, monkeypatch):
+    from scipy.stats import spearmanr
+
+    from genshop.settings import REPO_ROOT, get_settings
+    from reward.attribute_reward import AttributeReward
+    from reward.simulator import catalog_attributes, item_utilities, load_simulator_spec
+    from reward.synthetic import write_synthetic_catalog
+
+    reward = AttributeReward.from_pretrained(BUNDLE_DIR / "attribute-reward")
+    spec = load_simulator_spec(REPO_ROOT / "configs" / "groups.yaml")
+    items = catalog_attributes([write_synthetic_catalog(tmp_path / "catalog.parquet", 300, seed=4)])
+    truth, learned = item_utilities(spec, items), reward.utilities(items)
+    assert reward.config.groups == list(spec.groups) and reward.config.reader == "top-tuned"
+    for g, group in enumerate(spec.groups):
+        assert spearmanr(truth[g], learned[g]).statistic > 0.9, group
+    for name in ("GENSHOP_REWARD_MODEL", "GENSHOP_EMBEDDING_MODEL", "GENSHOP_UNDERSTANDING", "GENSHOP_BEST_OF_REWARD"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().best_of_reward == BUNDLE_DIR / "attribute-reward"  # the bundle's models throughout
+        monkeypatch.setenv("GENSHOP_REWARD_MODEL", str(tmp_path / "shop-reward"))
+        get_settings.cache_clear()
+        assert get_settings().best_of_reward == tmp_path / "shop-reward"  # a shop's own reward model keeps them
+        monkeypatch.setenv("GENSHOP_BEST_OF_REWARD", str(tmp_path / "other"))
+        get_settings.cache_clear()
+        assert get_settings().best_of_reward == tmp_path / "other"
+    finally:
+        get_settings.cache_clear()
