@@ -150,8 +150,7 @@ _best_of_scorers: dict = {}
 
 
 def best_of_scorer():
-    """The settings' best-of-N reward (``GENSHOP_BEST_OF_REWARD``, default ``GENSHOP_REWARD_MODEL``) as a scorer,
-    loaded once."""
+    """The settings' best-of-N reward (``GENSHOP_BEST_OF_REWARD``) as a scorer, loaded once."""
     from genshop.generation import reward_scorer
     from genshop.settings import get_settings
 
