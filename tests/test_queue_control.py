@@ -10,7 +10,7 @@ import redis
 
 from genshop.briefs import parse_brief
 from genshop.queueing import clear, pause, queue_priority, queue_state, resume
-from genshop.service import enqueue_brief, submit_brief
+from genshop.service import cancel_brief, enqueue_brief, submit_brief
 from genshop.store import open_store
 from tests.conftest import API_TOKENS, QUEUE_ADMIN, TEST_REDIS_URL, wait_for
 from tests.test_store_and_generation import postgres_url, store  # noqa: F401 - fixtures
@@ -121,11 +121,12 @@ def test_a_high_brief_arriving_behind_prefetched_normal_ones_leads_the_next_grou
         return enqueue_brief(store, record.id, enqueue_new_brief)
 
     start_worker(env)
-    blocker = submit("blocker", "bea", steps=40, width=64, height=64, variants=2)
+    blocker = submit("blocker", "bea", steps=100, width=128, height=128, variants=4)  # far longer than the submits
     wait_for(lambda: store.get_brief(blocker.id).status == "running", 30, 0.02, what="the blocker to start")
     backlog = [submit(f"xavier {n}", "xavier") for n in range(9)] + [submit("yara 0", "yara"),
                                                                      submit("zoe front", "zoe", priority="high")]
     assert store.get_brief(blocker.id).status == "running"  # the backlog arrived while the worker was busy
+    cancel_brief(store, blocker.id)  # stops at its next denoising step; the worker moves on to the backlog
     wait_for(lambda: all(store.get_brief(r.id).status == "succeeded" for r in backlog), 60, 0.1, what="the backlog")
     ran = {r.title: r for r in (store.get_brief(b.id) for b in backlog)}
     first = min(ran.values(), key=lambda r: r.started_at)
