@@ -110,6 +110,53 @@ def use_group(pipeline, group_id: str | None, adapters: dict[str, Path]) -> bool
     return False
 
 
+def lora_side(name: str) -> str | None:
+    """'up' for a LoRA's up/B matrix, 'down' for its down/A one (the SD 1.x and the PEFT spellings)."""
+    if ".lora.up." in name or ".lora_B." in name:
+        return "up"
+    if ".lora.down." in name or ".lora_A." in name:
+        return "down"
+    return None
+
+
+def average_group_adapters(folders: list[Path], out: Path) -> Path:
+    """One LoRA whose update is the mean of several LoRAs' updates: a weight average of policies
+    tuned from the same base model on the same reward (WARP, Ramé et al. 2024), which keeps the
+    direction they share and averages away what each run's seed and batches made it hack. Per
+    module the ``down``/``A`` matrices are stacked and the ``up``/``B`` ones joined times 1/k, so
+    ``up @ down`` is exactly ``1/k sum_i up_i @ down_i`` at rank ``k * r`` (diffusers reads the rank
+    from the shapes). Refused (ValueError) unless every folder has the same modules, base model,
+    group and scale."""
+    from safetensors.torch import load_file, save_file
+
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise ValueError("adapters: averaging needs at least two")
+    weights = [load_file(str(f / LORA_WEIGHTS)) for f in folders]
+    for folder, w in zip(folders[1:], weights[1:]):
+        if sorted(w) != sorted(weights[0]):
+            raise ValueError(f"adapters: {folder} has other modules than {folders[0]}")
+    others = [n for n in weights[0] if lora_side(n) is None]
+    if others:
+        raise ValueError(f"adapters: {folders[0]} holds {others[0]!r}, not an up/down matrix (alphas cannot be averaged)")
+    records = [json.loads((f / ADAPTER_RECORD).read_text()) if (f / ADAPTER_RECORD).is_file() else {} for f in folders]
+    for key in ("base_model", "group", "scale"):
+        values = {str(r.get(key)) for r in records}
+        if len(values) > 1:
+            raise ValueError(f"adapters: tuned for different {key.replace('_', ' ')}s ({', '.join(sorted(values))})")
+    k = len(folders)
+    averaged = {name: torch.cat([w[name] / k for w in weights], dim=1) if lora_side(name) == "up"
+                else torch.cat([w[name] for w in weights], dim=0) for name in weights[0]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.contiguous() for name, t in averaged.items()}, str(out / LORA_WEIGHTS))
+    meta = dict(records[0])
+    meta.update(averaged_from=[str(f) for f in folders], rank=sum(
+        next(w[n].shape[0] for n in w if lora_side(n) == "down") for w in weights))
+    (out / ADAPTER_RECORD).write_text(json.dumps(meta, indent=2))
+    return out
+
+
 def scale_group_adapter(folder: Path, scale: float, out: Path) -> Path:
     """A copy of a LoRA with its update scaled by ``scale`` (every ``up``/``B`` matrix times it):
     ``scale`` < 1 moves the tuned model back toward the base in weight space, a KL-like knob
@@ -119,7 +166,7 @@ def scale_group_adapter(folder: Path, scale: float, out: Path) -> Path:
     weights = load_file(str(Path(folder) / LORA_WEIGHTS))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor * scale if (".lora.up." in name or ".lora_B." in name) else tensor
+    save_file({name: tensor * scale if lora_side(name) == "up" else tensor
                for name, tensor in weights.items()}, str(out / LORA_WEIGHTS))
     record = Path(folder) / ADAPTER_RECORD
     meta = json.loads(record.read_text()) if record.is_file() else {}

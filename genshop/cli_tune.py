@@ -39,8 +39,9 @@ from genshop.cli_train import _progress_bar, stage_progress
               help="guard: drop sampled rankings whose best and worst rewards differ by less")
 @click.option("--on-brief", is_flag=True,
               help="guard: candidates read (--on-brief-reader) as the brief's article type rank above the others")
-@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned"]), default="top-tuned",
-              show_default=True, help="the on-brief guard's classifier (top-tuned: the understanding folder's heads)")
+@click.option("--on-brief-reader", type=click.Choice(["zero-shot", "top-tuned", "both"]),
+              default="top-tuned", show_default=True,
+              help="the on-brief guard's classifier (top-tuned: the understanding folder's heads; both: where they agree)")
 @click.option("--validation-briefs", type=click.IntRange(min=0), default=0, show_default=True,
               help="guard: hold this many briefs out; keep the adapter their reward was best with (early stopping)")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,
@@ -98,6 +99,23 @@ def tune_scale(adapter, scale, out) -> None:
     if not (adapter / LORA_WEIGHTS).is_file():
         raise InvalidInput(f"adapter: {adapter} has no {LORA_WEIGHTS}")
     stdout.print(f"adapter: {scale_group_adapter(adapter, scale, out)}")
+
+
+@tune.command("average")
+@click.argument("adapters", type=FOLDER, nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def tune_average(adapters, out) -> None:
+    """Write one LoRA whose update is the mean of several runs' (same group, base model and modules;
+    e.g. tuned with other --seed): a weight average that reward-hacks less than any one run."""
+    from genshop.adapters import LORA_WEIGHTS, average_group_adapters
+
+    missing = [str(a) for a in adapters if not (a / LORA_WEIGHTS).is_file()]
+    if missing:
+        raise InvalidInput(f"adapters: {', '.join(missing)} has no {LORA_WEIGHTS}")
+    try:
+        stdout.print(f"adapter: {average_group_adapters(list(adapters), out)}")
+    except ValueError as error:
+        raise InvalidInput(str(error)) from error
 
 
 @tune.command("eval")

@@ -678,3 +678,63 @@ def test_tune_scale_writes_the_lora_with_its_update_scaled(tmp_path, env):
     assert json.loads((tmp_path / "half" / "genshop_adapter.json").read_text())["scale"] == 0.5
     refused = invoke_cli(["tune", "scale", str(source), "--scale", "0", "--out", str(tmp_path / "zero")], env)
     assert refused.returncode == 2 and "--scale" in refused.stderr and not (tmp_path / "zero").exists()
+
+
+def test_tune_average_writes_one_lora_whose_update_is_the_mean_and_diffusers_reads_it_so(tmp_path, env):
+    from safetensors.torch import load_file
+
+    from genshop.adapters import LORA_WEIGHTS, add_group_adapter, save_group_adapter
+    from genshop.families import family_of
+    from genshop.pipelines import load_pipeline
+
+    pipeline = load_pipeline("tiny-random", adapters=False).pipeline
+    family = family_of(pipeline)
+    denoiser = family.denoiser(pipeline)
+    generator = torch.Generator().manual_seed(0)
+    folders = []
+    for run in range(3):  # three "seeds" of group D's LoRA, up matrices random (a fresh one has B = 0)
+        parameters = add_group_adapter(denoiser, f"D{run}", rank=2, targets=family.lora_targets)
+        with torch.no_grad():
+            for parameter in parameters:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        folder = tmp_path / f"run{run}"
+        save_group_adapter(denoiser, f"D{run}", folder, family)
+        (folder / "genshop_adapter.json").write_text(json.dumps({"group": "D", "base_model": "tiny", "rank": 2}))
+        folders.append(folder)
+    result = invoke_cli(["tune", "average", *map(str, folders), "--out", str(tmp_path / "mean")], env)
+    assert result.returncode == 0, result.stderr
+    runs = [load_file(str(f / LORA_WEIGHTS)) for f in folders]
+    mean = load_file(str(tmp_path / "mean" / LORA_WEIGHTS))
+    ups = sorted(name for name in mean if ".lora.up." in name or "lora_B" in name)
+    assert ups and sorted(mean) == sorted(runs[0])
+
+    def delta(weights, up):
+        return weights[up] @ weights[up.replace(".lora.up.", ".lora.down.").replace("lora_B", "lora_A")]
+    for up in ups:
+        assert mean[up].shape[1] == 6  # rank 3 x 2
+        torch.testing.assert_close(delta(mean, up), sum(delta(w, up) for w in runs) / 3, rtol=1e-5, atol=1e-5)
+    record = json.loads((tmp_path / "mean" / "genshop_adapter.json").read_text())
+    assert record["group"] == "D" and record["rank"] == 6 and record["averaged_from"] == [str(f) for f in folders]
+
+    # diffusers loads it (rank from the shapes, scale 1): the fused weights move by the mean update
+    fresh = load_pipeline("tiny-random", adapters=False).pipeline
+    unet = fresh.unet
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    fresh.load_lora_weights(str(tmp_path / "mean"), adapter_name="mean")
+    fresh.fuse_lora()
+    fused = dict(unet.named_parameters())
+    checked = 0
+    for up in ups:
+        module = up.removeprefix("unet.").split(".lora")[0]
+        name = next(n for n in fused if n.replace(".base_layer", "") == f"{module}.weight")
+        torch.testing.assert_close(fused[name].detach() - before[module + ".weight"], delta(mean, up), rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked == len(ups)
+
+    # refused with the field and the reason, nothing written: another group's LoRA, a single one
+    (folders[2] / "genshop_adapter.json").write_text(json.dumps({"group": "C", "base_model": "tiny", "rank": 2}))
+    refused = invoke_cli(["tune", "average", *map(str, folders), "--out", str(tmp_path / "mixed")], env)
+    assert refused.returncode != 0 and "adapters:" in refused.stderr and "groups (C, D)" in refused.stderr
+    assert not (tmp_path / "mixed").exists()
+    alone = invoke_cli(["tune", "average", str(folders[0]), "--out", str(tmp_path / "alone")], env)
+    assert alone.returncode != 0 and "at least two" in alone.stderr and not (tmp_path / "alone").exists()

@@ -74,10 +74,10 @@ class TuneConfig(BaseModel):
     on_brief: bool = Field(default=False, description="guard: sampled candidates that ``on_brief_reader`` reads as the "
                            "brief's article type rank above those it reads as another (by reward within each), so "
                            "the preferred image never leaves the brief")
-    on_brief_reader: Literal["zero-shot", "top-tuned"] = Field(
-        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, or the "
+    on_brief_reader: Literal["zero-shot", "top-tuned", "both"] = Field(
+        default="top-tuned", description="the on-brief guard's classifier: the enrich stage's zero-shot one, the "
         "understanding folder's top-tuned heads (on the mini model's images, the judge finds 92% of what these read "
-        "as on brief on brief, against 84% for zero-shot)")
+        "as on brief on brief, against 84% for zero-shot), or both (on brief where the two agree it is)")
     validation_briefs: int = Field(default=0, ge=0, description="guard: this many of the briefs (a fixed random "
                                    "split) are not tuned on; after each round their mean reward over fixed seeds "
                                    "is measured and the adapter of the best round is the one saved")
@@ -141,14 +141,15 @@ def group_scorer(reward_dir: Path, group: str, enrich_config=None):
     return lambda images, prompt, brief: reward.score(images, prompt, brief, [group])[group]
 
 
-def brief_reader(enricher):
-    """``read(images, article_type) -> [bool]``: the enricher (its classifier) reads each image as that article type."""
+def brief_reader(*enrichers):
+    """``read(images, article_type) -> [bool]``: every enricher (its classifier) reads each image as that article type."""
     from genshop.enrichment import understand_images
 
     def read(images, article_type: str | None) -> list[bool] | None:
         if not article_type:  # a brief that names no article type: nothing to guard
             return None
-        return [u.article_type.label == article_type for u in understand_images(enricher, images)[1]]
+        readings = [[u.article_type.label == article_type for u in understand_images(e, images)[1]] for e in enrichers]
+        return [all(flags) for flags in zip(*readings)]
 
     return read
 
@@ -399,7 +400,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
 
         enrich_config = enrich_config_from_settings(get_settings())
         for what, reader in readers.items():
-            if reader == "top-tuned" and enrich_config.understanding is None:
+            if reader in ("top-tuned", "both") and enrich_config.understanding is None:
                 raise ValueError(f"{what} top-tuned needs the understanding folder's heads (GENSHOP_UNDERSTANDING "
                                  "is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
     if config.threads:
@@ -443,7 +444,9 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     if config.on_brief and enrich_config is not None:
         from genshop.enrichment import load_enricher
 
-        read_on_brief = brief_reader(load_enricher(enrich_config.model_copy(update={"classifier": config.on_brief_reader})))
+        classifiers = ["zero-shot", "top-tuned"] if config.on_brief_reader == "both" else [config.on_brief_reader]
+        read_on_brief = brief_reader(*[load_enricher(enrich_config.model_copy(update={"classifier": c}))
+                                       for c in classifiers])
     prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
     scale = vae_scale_factor(pipeline)
 
