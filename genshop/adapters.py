@@ -119,14 +119,16 @@ def lora_side(name: str) -> str | None:
     return None
 
 
-def average_group_adapters(folders: list[Path], out: Path) -> Path:
+def average_group_adapters(folders: list[Path], out: Path, rank: int | None = None) -> Path:
     """One LoRA whose update is the mean of several LoRAs' updates: a weight average of policies
     tuned from the same base model on the same reward (WARP, Ramé et al. 2024), which keeps the
     direction they share and averages away what each run's seed and batches made it hack. Per
     module the ``down``/``A`` matrices are stacked and the ``up``/``B`` ones joined times 1/k, so
     ``up @ down`` is exactly ``1/k sum_i up_i @ down_i`` at rank ``k * r`` (diffusers reads the rank
-    from the shapes). Refused (ValueError) unless every folder has the same modules, base model,
-    group and scale."""
+    from the shapes). With ``rank``, each module's mean update is cut to its ``rank`` largest singular
+    directions instead (``truncated_lora``: the best rank-``rank`` approximation; exact at ``k * r``),
+    so the average costs no more room than one run. Refused (ValueError) unless every folder has the
+    same modules, base model, group and scale."""
     from safetensors.torch import load_file, save_file
 
     folders = [Path(f) for f in folders]
@@ -147,13 +149,32 @@ def average_group_adapters(folders: list[Path], out: Path) -> Path:
     k = len(folders)
     averaged = {name: torch.cat([w[name] / k for w in weights], dim=1) if lora_side(name) == "up"
                 else torch.cat([w[name] for w in weights], dim=0) for name in weights[0]}
+    if rank is not None:
+        averaged = truncated_lora(averaged, rank)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({name: t.contiguous() for name, t in averaged.items()}, str(out / LORA_WEIGHTS))
     meta = dict(records[0])
-    meta.update(averaged_from=[str(f) for f in folders], rank=sum(
-        next(w[n].shape[0] for n in w if lora_side(n) == "down") for w in weights))
+    meta.update(averaged_from=[str(f) for f in folders],
+                rank=next(t.shape[0] for n, t in averaged.items() if lora_side(n) == "down"))
     (out / ADAPTER_RECORD).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def truncated_lora(weights: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Each module's update ``up @ down`` as its best rank-``rank`` factorization (SVD: ``up = U_r
+    sqrt(S_r)``, ``down = sqrt(S_r) V_r^T``); a module of lower rank keeps its own rank."""
+    out = {}
+    for up_name in (n for n in weights if lora_side(n) == "up"):
+        down_name = up_name.replace(".lora.up.", ".lora.down.").replace(".lora_B.", ".lora_A.")
+        up, down = weights[up_name], weights[down_name]
+        if up.ndim != 2 or down.ndim != 2:
+            raise ValueError(f"adapters: {up_name} is not a linear layer's LoRA; --rank needs 2-D matrices")
+        u, s, vh = torch.linalg.svd(up.double() @ down.double(), full_matrices=False)
+        r = min(rank, down.shape[0])
+        root = s[:r].sqrt()
+        out[up_name] = (u[:, :r] * root).to(up.dtype).contiguous()
+        out[down_name] = (root[:, None] * vh[:r]).to(down.dtype).contiguous()
     return out
 
 

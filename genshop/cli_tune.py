@@ -103,8 +103,10 @@ def tune_scale(adapter, scale, out) -> None:
 
 @tune.command("average")
 @click.argument("adapters", type=FOLDER, nargs=-1, required=True)
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="cut the mean update to this rank (SVD; default: exact, the runs' ranks summed)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def tune_average(adapters, out) -> None:
+def tune_average(adapters, rank, out) -> None:
     """Write one LoRA whose update is the mean of several runs' (same group, base model and modules;
     e.g. tuned with other --seed): a weight average that reward-hacks less than any one run."""
     from genshop.adapters import LORA_WEIGHTS, average_group_adapters
@@ -113,7 +115,7 @@ def tune_average(adapters, out) -> None:
     if missing:
         raise InvalidInput(f"adapters: {', '.join(missing)} has no {LORA_WEIGHTS}")
     try:
-        stdout.print(f"adapter: {average_group_adapters(list(adapters), out)}")
+        stdout.print(f"adapter: {average_group_adapters(list(adapters), out, rank)}")
     except ValueError as error:
         raise InvalidInput(str(error)) from error
 

@@ -716,6 +716,18 @@ def test_tune_average_writes_one_lora_whose_update_is_the_mean_and_diffusers_rea
     record = json.loads((tmp_path / "mean" / "genshop_adapter.json").read_text())
     assert record["group"] == "D" and record["rank"] == 6 and record["averaged_from"] == [str(f) for f in folders]
 
+    # --rank 2: each module's best rank-2 approximation of the mean (its error is what the SVD leaves out)
+    result = invoke_cli(["tune", "average", *map(str, folders), "--rank", "2", "--out", str(tmp_path / "rank2")], env)
+    assert result.returncode == 0, result.stderr
+    cut = load_file(str(tmp_path / "rank2" / LORA_WEIGHTS))
+    for up in ups:
+        exact = sum(delta(w, up) for w in runs) / 3
+        left_out = torch.linalg.svdvals(exact.double())[2:].square().sum().sqrt()
+        assert cut[up].shape[1] == 2
+        assert float(torch.linalg.matrix_norm(delta(cut, up).double() - exact.double())) == pytest.approx(
+            float(left_out), rel=1e-4)
+    assert json.loads((tmp_path / "rank2" / "genshop_adapter.json").read_text())["rank"] == 2
+
     # diffusers loads it (rank from the shapes, scale 1): the fused weights move by the mean update
     fresh = load_pipeline("tiny-random", adapters=False).pipeline
     unet = fresh.unet
