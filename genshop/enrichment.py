@@ -90,15 +90,19 @@ def enrich_config_from_settings(settings) -> EnrichConfig:
                         classifier=settings.classifier)
 
 
-def load_enricher(config: EnrichConfig) -> Enricher:
-    taxonomy = load_taxonomy(config.taxonomy)
-    embedder = load_embedder(config.embedding)
+def load_classifier(config: EnrichConfig, embedder: Embedder, taxonomy: Taxonomy) -> ZeroShotClassifier | LinearHeads:
+    """The config's classifier over this embedder's space: zero-shot, or the understanding folder's top-tuned heads."""
     if config.classifier == "top-tuned":
         if config.understanding is None:
             raise ValueError("classifier: 'top-tuned' needs an understanding folder (`genshop understand fit`)")
-        classifier = LinearHeads.from_pretrained(config.understanding, taxonomy)
-    else:
-        classifier = ZeroShotClassifier(embedder, taxonomy, load_zero_shot_temperatures(config.understanding))
+        return LinearHeads.from_pretrained(config.understanding, taxonomy)
+    return ZeroShotClassifier(embedder, taxonomy, load_zero_shot_temperatures(config.understanding))
+
+
+def load_enricher(config: EnrichConfig) -> Enricher:
+    taxonomy = load_taxonomy(config.taxonomy)
+    embedder = load_embedder(config.embedding)
+    classifier = load_classifier(config, embedder, taxonomy)
     fusion = None
     if config.understanding is not None and (config.understanding / FUSION_CONFIG).is_file():
         fusion = ProductFusion.from_pretrained(config.understanding)
@@ -107,10 +111,15 @@ def load_enricher(config: EnrichConfig) -> Enricher:
 
 def understand_images(enricher: Enricher, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[ItemUnderstanding]]:
     embeddings = enricher.embedder.embed_images(images)
-    temperature = enricher.classifier.temperatures.get(HIERARCHY, 1.0)
-    understood = understand(enricher.classifier.log_posteriors(embeddings), enricher.taxonomy,
-                            enricher.config.abstain_below, temperature)
-    return embeddings, understood
+    return embeddings, understand_embeddings(enricher, embeddings)
+
+
+def understand_embeddings(enricher: Enricher, embeddings: np.ndarray,
+                          classifier: ZeroShotClassifier | LinearHeads | None = None) -> list[ItemUnderstanding]:
+    """What ``classifier`` (default: the enricher's own) reads in images already embedded by the enricher."""
+    classifier = classifier or enricher.classifier
+    temperature = classifier.temperatures.get(HIERARCHY, 1.0)
+    return understand(classifier.log_posteriors(embeddings), enricher.taxonomy, enricher.config.abstain_below, temperature)
 
 
 @contextmanager

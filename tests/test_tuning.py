@@ -753,20 +753,23 @@ def test_tune_average_writes_one_lora_whose_update_is_the_mean_and_diffusers_rea
 
 
 def test_the_on_brief_reader_both_reads_on_brief_only_where_both_classifiers_do():
-    from genshop.enrichment import enrich_config_from_settings, load_enricher
+    from genshop.enrichment import enrich_config_from_settings, load_classifier, load_enricher
     from genshop.pipelines import load_pipeline
     from genshop.settings import get_settings
     from genshop.tuning.tune import brief_reader
 
     pipeline = load_pipeline("mini", adapters=False).pipeline  # the bundle: its model, embedder and heads
     config = enrich_config_from_settings(get_settings())
-    zero_shot, top_tuned = (load_enricher(config.model_copy(update={"classifier": c})) for c in ("zero-shot", "top-tuned"))
+    enricher = load_enricher(config.model_copy(update={"classifier": "zero-shot"}))
+    zero_shot, top_tuned = (load_classifier(config.model_copy(update={"classifier": c}), enricher.embedder,
+                                            enricher.taxonomy) for c in ("zero-shot", "top-tuned"))
     disagreements = 0
     for prompt, article_type in [("Women Kurta", "Kurtas"), ("Women Tops", "Tops")]:  # 3 steps: ambiguous images
         images = pipeline(prompt, num_inference_steps=3, width=72, height=96, num_images_per_prompt=8,
                           generator=torch.Generator().manual_seed(0)).images
-        a, b = brief_reader(zero_shot)(images, article_type), brief_reader(top_tuned)(images, article_type)
-        assert brief_reader(zero_shot, top_tuned)(images, article_type) == [x and y for x, y in zip(a, b)]
+        a, b = (brief_reader(enricher, [c])(images, article_type) for c in (zero_shot, top_tuned))
+        assert brief_reader(enricher)(images, article_type) == a  # by default the enricher's own classifier
+        assert brief_reader(enricher, [zero_shot, top_tuned])(images, article_type) == [x and y for x, y in zip(a, b)]
         disagreements += sum(x != y for x, y in zip(a, b))
     assert disagreements > 0  # the two readers differ here, so "both" is neither one of them
-    assert brief_reader(zero_shot, top_tuned)(images, None) is None  # a brief without an article type: no guard
+    assert brief_reader(enricher, [zero_shot, top_tuned])(images, None) is None  # no article type: no guard

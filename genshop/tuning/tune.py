@@ -141,14 +141,17 @@ def group_scorer(reward_dir: Path, group: str, enrich_config=None):
     return lambda images, prompt, brief: reward.score(images, prompt, brief, [group])[group]
 
 
-def brief_reader(*enrichers):
-    """``read(images, article_type) -> [bool]``: every enricher (its classifier) reads each image as that article type."""
-    from genshop.enrichment import understand_images
+def brief_reader(enricher, classifiers=None):
+    """``read(images, article_type) -> [bool]``: every classifier (default: the enricher's own) reads
+    each image as that article type; the images are embedded once, by the enricher."""
+    from genshop.enrichment import understand_embeddings
 
     def read(images, article_type: str | None) -> list[bool] | None:
         if not article_type:  # a brief that names no article type: nothing to guard
             return None
-        readings = [[u.article_type.label == article_type for u in understand_images(e, images)[1]] for e in enrichers]
+        embeddings = enricher.embedder.embed_images(images)
+        readings = [[u.article_type.label == article_type for u in understand_embeddings(enricher, embeddings, c)]
+                    for c in classifiers or [enricher.classifier]]
         return [all(flags) for flags in zip(*readings)]
 
     return read
@@ -401,7 +404,7 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
         enrich_config = enrich_config_from_settings(get_settings())
         for what, reader in readers.items():
             if reader in ("top-tuned", "both") and enrich_config.understanding is None:
-                raise ValueError(f"{what} top-tuned needs the understanding folder's heads (GENSHOP_UNDERSTANDING "
+                raise ValueError(f"{what} {reader} needs the understanding folder's heads (GENSHOP_UNDERSTANDING "
                                  "is 'off'): pass --on-brief-reader zero-shot, or fit them with `genshop understand fit`")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -442,11 +445,12 @@ def tune(config: TuneConfig, progress: ProgressCallback | None = None) -> Path:
     scorer = None if config.preferences else group_scorer(config.reward, config.group, enrich_config)
     read_on_brief = None
     if config.on_brief and enrich_config is not None:
-        from genshop.enrichment import load_enricher
+        from genshop.enrichment import load_classifier, load_enricher
 
-        classifiers = ["zero-shot", "top-tuned"] if config.on_brief_reader == "both" else [config.on_brief_reader]
-        read_on_brief = brief_reader(*[load_enricher(enrich_config.model_copy(update={"classifier": c}))
-                                       for c in classifiers])
+        names = ["zero-shot", "top-tuned"] if config.on_brief_reader == "both" else [config.on_brief_reader]
+        enricher = load_enricher(enrich_config.model_copy(update={"classifier": names[0]}))
+        read_on_brief = brief_reader(enricher, [load_classifier(enrich_config.model_copy(update={"classifier": name}),
+                                                                enricher.embedder, enricher.taxonomy) for name in names])
     prompt_cache: dict[tuple[str, tuple[int, int]], dict[str, torch.Tensor]] = {}
     scale = vae_scale_factor(pipeline)
 
